@@ -1,0 +1,35 @@
+"""compact-hooks: compressed residual collectives for parallel diffusion inference.
+
+Quick start::
+
+    import compact_hooks as ch
+    hook = ch.build_hook({"compressor": "int2", "residual": "ef"})
+    y = hook(ch.CollectiveCall("all_gather", x, group, key="blocks.0.attn:k"))
+    hook.next_step()
+"""
+
+from .compressors.base import Compressor
+from .config import CompactConfig, load_config, strip_config
+from .errors import CollectiveTimeoutError, CompactHooksError, ConfigError, ProtocolError
+from .hook import CastHook, CollectiveCall, CommHook, PassthroughHook
+from .registry import available_compressors, build_compressor, register_compressor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CastHook",
+    "CollectiveCall",
+    "CollectiveTimeoutError",
+    "CommHook",
+    "CompactConfig",
+    "CompactHooksError",
+    "Compressor",
+    "ConfigError",
+    "PassthroughHook",
+    "ProtocolError",
+    "available_compressors",
+    "build_compressor",
+    "load_config",
+    "register_compressor",
+    "strip_config",
+]

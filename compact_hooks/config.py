@@ -1,0 +1,167 @@
+"""CompactConfig: the ``"compact_hooks"`` block of a DeepSpeed-style JSON config.
+
+Example block::
+
+    "compact_hooks": {
+        "enabled": true,
+        "compressor": {"name": "int2", "group_size": 128},
+        "residual": "ef",
+        "warmup_steps": 1,
+        "collectives": ["all_to_all", "all_gather", "all_reduce"],
+        "base_dtype": "input",
+        "stats": {"enabled": true}
+    }
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .registry import build_compressor
+
+BLOCK = "compact_hooks"
+
+Collective = Literal["all_gather", "all_to_all", "all_reduce", "ring_exchange"]
+ResidualMode = Literal["none", "delta", "ef", "ef2"]
+HookKind = Literal["compact", "stale", "passthrough", "cast"]
+BaseDtype = Literal["float32", "bfloat16", "float16", "input"]
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class StatsConfig(_Block):
+    """What the session counts."""
+
+    enabled: bool = True
+    error_every: int = Field(0, ge=0, description="sample the relative reconstruction error every N calls of a key (0: never)")
+
+
+class CompactConfig(_Block):
+    """Validated settings of compact-hooks. Every field has a default; see docs/configuration.md."""
+
+    enabled: bool = True
+    hook: HookKind = "compact"
+    compressor: Union[str, dict[str, Any]] = "int2"
+    residual: ResidualMode = "ef"
+    warmup_steps: int = Field(1, ge=0)
+    collectives: list[Collective] = Field(default_factory=lambda: ["all_gather", "all_to_all", "all_reduce", "ring_exchange"])
+    base_dtype: BaseDtype = "input"
+    cast_dtype: Literal["float16", "bfloat16"] = "bfloat16"
+    verify_every: int = Field(0, ge=0)
+    timeout_s: float = Field(300.0, gt=0)
+
+    @field_validator("timeout_s", mode="before")
+    @classmethod
+    def _int_seconds(cls, value: Any) -> Any:
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    stats: StatsConfig = StatsConfig()
+
+    @field_validator("compressor")
+    @classmethod
+    def _compressor_builds(cls, value: Union[str, dict[str, Any]]) -> Union[str, dict[str, Any]]:
+        build_compressor(value)  # raises ConfigError naming compressor.<param>
+        return value
+
+    @field_validator("collectives")
+    @classmethod
+    def _no_duplicates(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a collective twice: {list(value)}")
+        return value
+
+    def build_compressor(self):
+        return build_compressor(self.compressor)
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    parts = [BLOCK]
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1] += f"[{item}]"
+        elif item in ("str", "dict[str,any]", "function-after[_compressor_builds(), union[str,dict[str,any]]]"):
+            continue
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def parse_block(block: Any) -> CompactConfig:
+    """Validate one ``"compact_hooks"`` block (a mapping); raise :class:`ConfigError` naming the key."""
+    if isinstance(block, CompactConfig):
+        return block
+    if not isinstance(block, Mapping):
+        raise ConfigError(BLOCK, f"must be a JSON object; got {type(block).__name__}")
+    try:
+        return CompactConfig.model_validate(dict(block))
+    except ConfigError as exc:
+        raise ConfigError(f"{BLOCK}.{exc.key_path}", str(exc).split(": ", 1)[1]) from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        ctx_error = (err.get("ctx") or {}).get("error")
+        if isinstance(ctx_error, ConfigError):
+            raise ConfigError(f"{BLOCK}.{ctx_error.key_path}", str(ctx_error).split(": ", 1)[1]) from None
+        path = _key_path(tuple(p for p in err["loc"] if not str(p).startswith(("function-", "union["))))
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted(CompactConfig.model_fields)) if len(err["loc"]) == 1 else None
+            message = "unknown key" + (f"; known keys: {allowed}" if allowed else "")
+            if len(err["loc"]) == 1 and block.get("compact_hooks") is None and _looks_like_deepspeed(block):
+                message += "; this looks like a whole DeepSpeed config: put the settings in its \"compact_hooks\" block"
+        elif "input" in err and err["type"] != "missing":
+            message += f" (got {err['input']!r})"
+        raise ConfigError(path, message) from None
+
+
+def _looks_like_deepspeed(mapping: Mapping[str, Any]) -> bool:
+    return any(k in mapping for k in ("train_batch_size", "train_micro_batch_size_per_gpu", "fp16",
+                                      "bf16", "zero_optimization", "tensor_parallel", "dtype"))
+
+
+def read_json(path: Union[str, os.PathLike[str]]) -> dict[str, Any]:
+    """Read a JSON file; a missing file or bad JSON raises :class:`ConfigError`."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(str(p), f"cannot read the config file: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(str(p), f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(p), f"the top level must be a JSON object; got {type(data).__name__}")
+    return data
+
+
+def load_config(source: Union[str, os.PathLike[str], Mapping[str, Any], CompactConfig, None]) -> CompactConfig:
+    """Read compact-hooks settings.
+
+    ``source`` is a path to a JSON file or a mapping: either a DeepSpeed-style config holding a
+    ``"compact_hooks"`` block, or the block itself. ``None`` gives the defaults.
+    """
+    if source is None:
+        return CompactConfig()
+    if isinstance(source, CompactConfig):
+        return source
+    data = read_json(source) if isinstance(source, (str, os.PathLike)) else source
+    if not isinstance(data, Mapping):
+        raise ConfigError(BLOCK, f"expected a path or a mapping; got {type(source).__name__}")
+    block = data[BLOCK] if BLOCK in data else data
+    return parse_block(block)
+
+
+def strip_config(ds_config: Union[str, os.PathLike[str], Mapping[str, Any]]) -> dict[str, Any]:
+    """The DeepSpeed config without its ``"compact_hooks"`` block (a deep copy), for DeepSpeed itself."""
+    data = read_json(ds_config) if isinstance(ds_config, (str, os.PathLike)) else ds_config
+    out = copy.deepcopy(dict(data))
+    out.pop(BLOCK, None)
+    return out

@@ -1,0 +1,106 @@
+"""CollectiveCall and the CommHook interface: what a parallel layer calls instead of a raw collective.
+
+A hook takes a :class:`CollectiveCall` and returns the collective's result::
+
+    out = hook(CollectiveCall("all_gather", k_local, group, key="transformer_blocks.3.attn:k"))
+
+Result layouts (``P`` ranks in ``group``):
+
+* ``all_gather``: every rank's tensor concatenated along ``dim`` in rank order;
+* ``all_to_all``: ``tensor`` is split into ``P`` equal chunks along dim 0, chunk ``j`` goes to rank
+  ``j``; the result has the same shape, chunk ``j`` received from rank ``j``
+  (``all_to_all_single`` with equal splits);
+* ``all_reduce``: the elementwise sum over the group;
+* ``ring_exchange``: send to rank ``(r + 1) % P``, return what rank ``(r - 1) % P`` sent.
+
+Hooks are stateful objects in the style of PyTorch's DDP communication hooks: they keep per-key
+state, know the current step and request (``next_step``, ``begin_request``) and report
+``stats()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import collectives as C
+
+Op = Literal["all_gather", "all_to_all", "all_reduce", "ring_exchange"]
+OPS: tuple[str, ...] = ("all_gather", "all_to_all", "all_reduce", "ring_exchange")
+
+
+@dataclass
+class CollectiveCall:
+    """One collective a layer wants done.
+
+    ``key`` names the call site (``"transformer_blocks.3.attn:k"``); without one the hook numbers
+    the calls of each step. ``dim`` is the concatenation dim of ``all_gather``.
+    """
+
+    op: Op
+    tensor: torch.Tensor
+    group: Optional[dist.ProcessGroup] = None
+    key: Optional[str] = None
+    dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"CollectiveCall.op must be one of {', '.join(OPS)}; got {self.op!r}")
+        if not isinstance(self.tensor, torch.Tensor):
+            raise TypeError(f"CollectiveCall.tensor must be a torch.Tensor; got {type(self.tensor).__name__}")
+
+
+class CommHook:
+    """Base class of hooks. Subclasses implement :meth:`__call__`; step/request hooks are no-ops here."""
+
+    def __call__(self, call: CollectiveCall) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def begin_request(self) -> None:
+        """A new request (pipeline call) starts: per-request state is dropped."""
+
+    def next_step(self) -> None:
+        """The current denoising step ended."""
+
+    def reset(self) -> None:
+        """Drop all state."""
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+def plain_collective(call: CollectiveCall) -> torch.Tensor:
+    """Run ``call`` with plain torch.distributed."""
+    if call.op == "all_gather":
+        return C.all_gather(call.tensor, call.group, dim=call.dim)
+    if call.op == "all_to_all":
+        return C.all_to_all(call.tensor, call.group)
+    if call.op == "all_reduce":
+        return C.all_reduce(call.tensor, call.group)
+    return C.ring_exchange(call.tensor, call.group)
+
+
+class PassthroughHook(CommHook):
+    """Plain torch.distributed: the parity baseline."""
+
+    def __call__(self, call: CollectiveCall) -> torch.Tensor:
+        return plain_collective(call)
+
+
+class CastHook(CommHook):
+    """Casts float tensors to ``dtype`` on the wire (all_reduce sums in ``dtype``)."""
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"CastHook dtype must be float16, bfloat16 or float32; got {dtype}")
+        self.dtype = dtype
+
+    def __call__(self, call: CollectiveCall) -> torch.Tensor:
+        x = call.tensor
+        if not x.is_floating_point() or x.dtype == self.dtype:
+            return plain_collective(call)
+        cast = CollectiveCall(call.op, x.to(self.dtype), call.group, call.key, call.dim)
+        return plain_collective(cast).to(x.dtype)

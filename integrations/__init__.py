@@ -1,0 +1,1 @@
+"""compact-hooks integrations with DeepSpeed and diffusers (import the submodule you need)."""

@@ -1,0 +1,1 @@
+"""compact-hooks launcher: the `compact-hooks` command and rank discovery."""
