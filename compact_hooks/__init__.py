@@ -11,7 +11,9 @@ Quick start::
 from .compressors.base import Compressor
 from .config import CompactConfig, load_config, strip_config
 from .errors import CollectiveTimeoutError, CompactHooksError, ConfigError, ProtocolError
-from .hook import CastHook, CollectiveCall, CommHook, PassthroughHook
+from .hook import CastHook, CollectiveCall, CommHook, CompactHook, PassthroughHook, StaleHook, build_hook
+from .residual import Channel, Session
+from .stats import Stats
 from .registry import available_compressors, build_compressor, register_compressor
 
 __version__ = "0.1.0"
@@ -20,15 +22,21 @@ __all__ = [
     "CastHook",
     "CollectiveCall",
     "CollectiveTimeoutError",
+    "Channel",
     "CommHook",
+    "CompactHook",
     "CompactConfig",
     "CompactHooksError",
     "Compressor",
     "ConfigError",
     "PassthroughHook",
     "ProtocolError",
+    "Session",
+    "StaleHook",
+    "Stats",
     "available_compressors",
     "build_compressor",
+    "build_hook",
     "load_config",
     "register_compressor",
     "strip_config",

@@ -7,10 +7,15 @@ baseline; the ``compressed_*`` versions move codec payloads and reconstruct thro
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from .errors import ProtocolError
+from .residual import Session
+from .wire import WIRE_VERSION, parse_header
 
 Group = Optional[dist.ProcessGroup]
 
@@ -100,3 +105,202 @@ def ring_exchange(tensor: torch.Tensor, group: Group) -> torch.Tensor:
     for work in dist.batch_isend_irecv(ops):
         work.wait()
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressed collectives: payloads through the same torch.distributed calls, channels of a Session.
+# Bytes recorded are what this rank sends under a ring / pairwise algorithm.
+# ---------------------------------------------------------------------------------------------
+
+
+def _record(session: Session, key: str, op: str, raw: int, wire: int, full: bool):
+    return session.stats.record(key, op, raw, wire, full)
+
+
+def _check_first(session: Session, key: str, payloads: torch.Tensor, full: bool, group: Group) -> None:
+    """Verify the headers of a key's first exchange (one host read per key, not per step)."""
+    if full and session.keys[key].exchanges == 1:
+        verify_headers(payloads, session, key, group)
+
+
+def compressed_all_gather(x: torch.Tensor, group: Group, session: Session, key: str, dim: int = 0) -> torch.Tensor:
+    """Like :func:`all_gather`; every rank's tensor travels as a compressed residual.
+
+    The local slice of the result is the exact local ``x``.
+    """
+    size = group_size(group)
+    if size == 1:
+        return x
+    rank = group_rank(group)
+    full = session.prepare(key, tuple(x.shape), x.dtype)
+    me = global_rank(group, rank)
+    payload, _ = session.channel(key, me).encode(x, full)
+    gathered = all_gather_bytes(payload, group)
+    _check_first(session, key, gathered, full, group)
+    parts = [x if j == rank else session.channel(key, global_rank(group, j)).decode(gathered[j], tuple(x.shape), x.dtype, full)
+             for j in range(size)]
+    ks = _record(session, key, "all_gather", (size - 1) * x.numel() * x.element_size(), (size - 1) * payload.numel(), full)
+    out = torch.cat(parts, dim=dim)
+    if session.stats.wants_error(ks):
+        session.stats.record_error(ks, out, all_gather(x, group, dim))
+    return out
+
+
+def _exchange_chunks(chunks: list[torch.Tensor], group: Group, session: Session, key: str,
+                     full: bool) -> tuple[list[torch.Tensor], int, list[torch.Tensor]]:
+    """Send ``chunks[j]`` to rank ``j`` as compressed residuals; return the received chunks
+    (own chunk exact), the payload size, and the sender-side reconstructions."""
+    size = group_size(group)
+    rank = group_rank(group)
+    me = global_rank(group, rank)
+    payloads, recons = [], []
+    for j, chunk in enumerate(chunks):
+        if j == rank:
+            payloads.append(None)
+            recons.append(chunk)
+            continue
+        p, r = session.channel(key, me, global_rank(group, j)).encode(chunk, full)
+        payloads.append(p)
+        recons.append(r)
+    nbytes = next(p.numel() for p in payloads if p is not None)
+    own = payloads[(rank + 1) % size].new_zeros(nbytes)
+    send = torch.stack([own if p is None else p for p in payloads])
+    recv = all_to_all_bytes(send, group)
+    if full and session.keys[key].exchanges == 1:
+        recv_check = torch.cat([recv[:rank], recv[rank + 1:]])
+        verify_headers(recv_check, session, key, group, skip_rank=rank)
+    shape, dtype = tuple(chunks[0].shape), chunks[0].dtype
+    out = [chunks[j] if j == rank else
+           session.channel(key, global_rank(group, j), me).decode(recv[j], shape, dtype, full)
+           for j in range(size)]
+    return out, nbytes, recons
+
+
+def compressed_all_to_all(x: torch.Tensor, group: Group, session: Session, key: str) -> torch.Tensor:
+    """Like :func:`all_to_all`; each off-rank chunk travels as a compressed residual."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    if x.shape[0] % size:
+        raise ValueError(
+            f"all_to_all splits dim 0 into {size} equal chunks, but it has {x.shape[0]} rows; "
+            "pad or choose a size divisible by the group size"
+        )
+    chunks = list(x.chunk(size, dim=0))
+    full = session.prepare(key, tuple(chunks[0].shape), x.dtype)
+    out, nbytes, _ = _exchange_chunks(chunks, group, session, key, full)
+    chunk_bytes = chunks[0].numel() * x.element_size()
+    ks = _record(session, key, "all_to_all", (size - 1) * chunk_bytes, (size - 1) * nbytes, full)
+    if session.stats.wants_error(ks):
+        session.stats.record_error(ks, torch.cat(out), all_to_all(x, group))
+    return torch.cat(out, dim=0)
+
+
+def compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: str) -> torch.Tensor:
+    """Sum over the group in two compressed stages (reduce-scatter as an all-to-all of row chunks,
+    then an all-gather of each reduced chunk). Every rank returns the same reconstruction."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    rank = group_rank(group)
+    shape = tuple(x.shape)
+    rows = x.reshape(-1, shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
+    pad = (-rows.shape[0]) % size
+    if pad:
+        rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+    chunks = list(rows.chunk(size, dim=0))
+    key_rs, key_ag = f"{key}:reduce_scatter", f"{key}:all_gather"
+    full = session.prepare(key_rs, tuple(chunks[0].shape), x.dtype)
+    received, nbytes_rs, _ = _exchange_chunks(chunks, group, session, key_rs, full)
+    reduced = received[0].float()
+    for part in received[1:]:
+        reduced = reduced + part.float()
+    reduced = reduced.to(x.dtype)
+    full_ag = session.prepare(key_ag, tuple(reduced.shape), x.dtype)
+    me = global_rank(group, rank)
+    payload, own = session.channel(key_ag, me).encode(reduced, full_ag)
+    gathered = all_gather_bytes(payload, group)
+    _check_first(session, key_ag, gathered, full_ag, group)
+    parts = [own if j == rank else
+             session.channel(key_ag, global_rank(group, j)).decode(gathered[j], tuple(reduced.shape), x.dtype, full_ag)
+             for j in range(size)]
+    out = torch.cat(parts)[: rows.shape[0] - pad].reshape(shape)
+    chunk_bytes = chunks[0].numel() * x.element_size()
+    ks = _record(session, key, "all_reduce", 2 * (size - 1) * chunk_bytes,
+                 (size - 1) * (nbytes_rs + payload.numel()), full)
+    if session.stats.wants_error(ks):
+        session.stats.record_error(ks, out, all_reduce(x, group))
+    return out
+
+
+def compressed_ring_exchange(x: torch.Tensor, group: Group, session: Session, key: str) -> torch.Tensor:
+    """Like :func:`ring_exchange`; the tensor travels as a compressed residual."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    rank = group_rank(group)
+    nxt, prv = global_rank(group, (rank + 1) % size), global_rank(group, (rank - 1) % size)
+    me = global_rank(group, rank)
+    full = session.prepare(key, tuple(x.shape), x.dtype)
+    payload, _ = session.channel(key, me, nxt).encode(x, full)
+    recv = torch.empty_like(payload)
+    ops = [dist.P2POp(dist.isend, payload, nxt, group), dist.P2POp(dist.irecv, recv, prv, group)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    _check_first(session, key, recv.unsqueeze(0), full, group)
+    out = session.channel(key, prv, me).decode(recv, tuple(x.shape), x.dtype, full)
+    ks = _record(session, key, "ring_exchange", x.numel() * x.element_size(), payload.numel(), full)
+    if session.stats.wants_error(ks):
+        session.stats.record_error(ks, out, ring_exchange(x, group))
+    return out
+
+
+def verify_headers(payloads: torch.Tensor, session: Session, key: str, group: Group, skip_rank: Optional[int] = None) -> None:
+    """Check magic, version and compressor fingerprint of received payloads (``[n, nbytes]``)."""
+    for row in payloads.reshape(payloads.shape[0], -1):
+        header = parse_header(row)
+        if header.version != WIRE_VERSION or header.fingerprint != session.compressor.fingerprint:
+            raise ProtocolError(
+                f"ranks disagree on the wire format of {key!r}: this rank uses wire v{WIRE_VERSION} with "
+                f"{session.compressor.spec()} (fingerprint {session.compressor.fingerprint:#010x}); a peer sent "
+                f"wire v{header.version} with fingerprint {header.fingerprint:#010x}. Give every rank the same "
+                "\"compact_hooks\" config and compact-hooks version."
+            )
+
+
+SETTINGS_NBYTES = 1024
+
+
+def agree_on_settings(session: Session, group: Group) -> None:
+    """Once per group: gather every rank's settings and raise :class:`ProtocolError` naming both
+    sides when they differ (a different compressor, parameter, residual mode or wire version)."""
+    size = group_size(group)
+    if size == 1:
+        return
+    ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(size))
+    if ranks in session.checked_groups:
+        return
+    mine = json.dumps({"wire": WIRE_VERSION, **session.settings()}, sort_keys=True).encode()
+    if len(mine) > SETTINGS_NBYTES:
+        mine = mine[: SETTINGS_NBYTES - 16] + b"...(truncated)"
+    device = _device_of(group)
+    buf = torch.zeros(SETTINGS_NBYTES, dtype=torch.uint8)
+    buf[: len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
+    gathered = all_gather_bytes(buf.to(device), group).cpu()
+    texts = [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in gathered]
+    me = group_rank(group)
+    for j, text in enumerate(texts):
+        if text != texts[me]:
+            raise ProtocolError(
+                f"ranks of the group {list(ranks)} disagree on compact-hooks settings: rank {ranks[me]} has "
+                f"{texts[me]} but rank {ranks[j]} has {text}. Give every rank the same \"compact_hooks\" "
+                "config and compact-hooks version."
+            )
+    session.checked_groups.add(ranks)
+
+
+def _device_of(group: Group) -> torch.device:
+    backend = dist.get_backend(group)
+    if backend == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -164,3 +164,18 @@ def from_bytes(raw: torch.Tensor, dtype: torch.dtype, count: int) -> torch.Tenso
     """Reinterpret ``raw`` bytes as ``count`` elements of ``dtype``."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return raw[: count * itemsize].contiguous().view(dtype)
+
+
+def encode_raw(x: torch.Tensor, fingerprint: int) -> torch.Tensor:
+    """A RAW payload: the header then ``x``'s own bytes (full sends during warm-up and resync)."""
+    header = header_tensor(PayloadKind.RAW, x.dtype, fingerprint, x.numel(), x.device)
+    return torch.cat([header, as_bytes(x)])
+
+
+def raw_nbytes(numel: int, dtype: torch.dtype) -> int:
+    return HEADER_NBYTES + numel * torch.empty((), dtype=dtype).element_size()
+
+
+def decode_raw(payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    count = math.prod(shape)
+    return from_bytes(payload[HEADER_NBYTES:], dtype, count).view(shape)

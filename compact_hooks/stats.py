@@ -1,0 +1,123 @@
+"""Counters of a session: raw bytes, wire bytes, full sends, non-finite values, sampled error."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+
+
+@dataclass
+class KeyStats:
+    """Totals of one call site. Bytes are what this rank sends (ring/pairwise algorithms)."""
+
+    op: str
+    calls: int = 0
+    full_sends: int = 0
+    raw_bytes: int = 0
+    wire_bytes: int = 0
+    resyncs: int = 0
+    error_samples: int = 0
+    error_sum: float = 0.0
+    last_error: Optional[float] = None
+    nonfinite_pending: Optional[torch.Tensor] = field(default=None, repr=False)
+    nonfinite_total: int = 0
+
+    def nonfinite(self) -> int:
+        """Non-finite values seen in decoded residuals (reads the device counter: a sync)."""
+        if self.nonfinite_pending is not None:
+            self.nonfinite_total += int(self.nonfinite_pending.item())
+            self.nonfinite_pending = None
+        return self.nonfinite_total
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("nonfinite_pending", "nonfinite_total", "error_sum")}
+        d["nonfinite"] = self.nonfinite()
+        d["rel_error"] = self.error_sum / self.error_samples if self.error_samples else None
+        d["compression_ratio"] = self.raw_bytes / self.wire_bytes if self.wire_bytes else None
+        return d
+
+
+@dataclass
+class Stats:
+    """All counters of a session; ``as_dict()`` is what ``hook.stats()`` returns."""
+
+    enabled: bool = True
+    error_every: int = 0
+    per_key: dict[str, KeyStats] = field(default_factory=dict)
+    per_step: list[dict[str, Any]] = field(default_factory=list)
+    step_raw: int = 0
+    step_wire: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def key(self, key: str, op: str) -> KeyStats:
+        ks = self.per_key.get(key)
+        if ks is None:
+            ks = self.per_key[key] = KeyStats(op=op)
+        return ks
+
+    def record(self, key: str, op: str, raw_bytes: int, wire_bytes: int, full: bool) -> KeyStats:
+        ks = self.key(key, op)
+        if self.enabled:
+            ks.calls += 1
+            ks.full_sends += int(full)
+            ks.raw_bytes += raw_bytes
+            ks.wire_bytes += wire_bytes
+            self.step_raw += raw_bytes
+            self.step_wire += wire_bytes
+        return ks
+
+    def wants_error(self, ks: KeyStats) -> bool:
+        return self.enabled and self.error_every > 0 and ks.calls % self.error_every == 1 % self.error_every
+
+    def record_error(self, ks: KeyStats, reconstruction: torch.Tensor, exact: torch.Tensor) -> None:
+        err = float(torch.linalg.vector_norm((reconstruction - exact).float())
+                    / torch.linalg.vector_norm(exact.float()).clamp_min(1e-30))
+        ks.error_samples += 1
+        ks.error_sum += err
+        ks.last_error = err
+
+    def count_nonfinite(self, ks: KeyStats, count: torch.Tensor) -> None:
+        ks.nonfinite_pending = count if ks.nonfinite_pending is None else ks.nonfinite_pending + count
+
+    def end_step(self, request: int, step: int) -> None:
+        if self.enabled and (self.step_raw or self.step_wire):
+            self.per_step.append({"request": request, "step": step, "raw_bytes": self.step_raw,
+                                  "wire_bytes": self.step_wire})
+        self.step_raw = self.step_wire = 0
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def as_dict(self) -> dict[str, Any]:
+        raw = sum(k.raw_bytes for k in self.per_key.values())
+        wire = sum(k.wire_bytes for k in self.per_key.values())
+        per_key = {name: ks.as_dict() for name, ks in self.per_key.items()}
+        return {
+            "raw_bytes": raw,
+            "wire_bytes": wire,
+            "compression_ratio": raw / wire if wire else None,
+            "calls": sum(k.calls for k in self.per_key.values()),
+            "full_sends": sum(k.full_sends for k in self.per_key.values()),
+            "resyncs": sum(k.resyncs for k in self.per_key.values()),
+            "nonfinite": sum(v["nonfinite"] for v in per_key.values()),
+            "warnings": list(self.warnings),
+            "per_key": per_key,
+            "per_step": list(self.per_step),
+        }
+
+    def clear(self) -> None:
+        self.per_key.clear()
+        self.per_step.clear()
+        self.warnings.clear()
+        self.step_raw = self.step_wire = 0
+
+
+def write_json(stats: dict[str, Any], path: Union[str, os.PathLike[str]]) -> None:
+    """Write a stats dict as indented JSON."""
+    with open(path, "w") as f:
+        json.dump(stats, f, indent=2, default=str)
+        f.write("\n")
