@@ -12,9 +12,10 @@ previous ``x``: no error feedback, the error accumulates); ``ef`` (default) pred
 ``ef2`` predicts ``base + (base - previous base)``.
 
 Full sends (the tensor's own bytes) happen on the first ``warmup_steps`` exchanges of a key in each
-request, after a shape or dtype change of the key, and after a resync. Non-finite decoded values
-never enter a base: where ``predict() + decoded`` is not finite, the base keeps ``predict()``
-(on every side alike), while the returned reconstruction still shows the NaN/Inf.
+request, after a shape or dtype change of the key, and after a resync. Non-finite values never
+enter a base: the sender zeroes them in the residual and sets a flag in the payload header; every
+side updates its base from the clean residual, and receivers return NaN for a flagged tensor, so
+the user's NaN stays visible for that step and later steps are normal again.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import torch
 from .compressors.base import Compressor
 from .config import CompactConfig, load_config
 from .stats import Stats
-from .wire import decode_raw, encode_raw, raw_nbytes
+from .wire import FLAGS_BYTE, decode_raw, encode_raw, raw_nbytes
 
 MODES = ("none", "delta", "ef", "ef2")
+FP16_MAX = 65504.0
 BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -49,7 +51,10 @@ class Channel:
 
     # -- shared ----------------------------------------------------------------------------------
     def _store(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return t.to(self.base_dtype or like.dtype)
+        dtype = self.base_dtype or like.dtype
+        if dtype == torch.float16 and t.dtype != torch.float16:
+            t = t.clamp(-FP16_MAX, FP16_MAX)  # a base never overflows to inf
+        return t.to(dtype)
 
     def _predict(self) -> torch.Tensor:
         assert self.base is not None
@@ -59,53 +64,57 @@ class Channel:
         return pred
 
     def _set_full(self, x: torch.Tensor) -> None:
-        finite = torch.isfinite(x)
-        clean = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        self._count_nonfinite(finite)
+        clean, flag = _clean(x)
+        self._count(flag)
         if self.mode == "none":
-            self.base = None
             return
         self.base = self._store(clean, x)
         self.velocity = None
         self.codec_state.clear()
 
-    def _count_nonfinite(self, finite: torch.Tensor) -> None:
-        bad = (~finite).sum()
-        self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
+    def _count(self, flag: torch.Tensor) -> None:
+        flag = flag.to(torch.int64)
+        self.nonfinite = flag if self.nonfinite is None else self.nonfinite + flag
 
-    def _update(self, decoded: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Apply a decoded residual to the base; return the reconstruction in ``like``'s dtype."""
+    def _update(self, decoded: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Apply a decoded residual to the base; return the reconstruction in ``dtype``."""
         pred = self._predict()
-        new = pred + decoded.float()
-        finite = torch.isfinite(new)
-        self._count_nonfinite(finite)
-        kept = torch.where(finite, new, pred)
-        stored = self._store(kept, like)
+        stored = self._store(pred + decoded.float(), torch.empty((), dtype=dtype))
         if self.mode == "ef2":
-            self.velocity = self._store(stored.float() - self.base.float(), like)
+            self.velocity = self._store(stored.float() - self.base.float(), torch.empty((), dtype=dtype))
         self.base = stored
-        return torch.where(finite, stored.to(like.dtype), new.to(like.dtype))
+        return stored.to(dtype)
 
     # -- sender ----------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode ``x``; return ``(payload, reconstruction the receivers will hold)``."""
+        """Encode ``x``; return ``(payload, reconstruction the receivers will hold)``.
+
+        Non-finite values are zeroed before encoding and flagged in the header; receivers then
+        return NaN for the whole tensor (never a silently finite wrong value) while every base
+        stays finite, so the next step is back to normal.
+        """
         if full:
             payload = encode_raw(x.contiguous(), self.compressor.fingerprint)
             self._set_full(x)
             if self.mode == "delta":
-                self.previous_x = x.clone()
+                self.previous_x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
             return payload, x
         if self.mode == "none":
-            payload = self.compressor.encode(x, self.codec_state)
-            return payload, self.compressor.decode(payload, x.shape, x.dtype)
-        if self.mode == "delta":
-            residual = x.float() - self.previous_x.float()
-            self.previous_x = x.clone()
+            clean, flag = _clean(x)
+            payload = self.compressor.encode(clean, self.codec_state)
+            recon = self.compressor.decode(payload, x.shape, x.dtype)
         else:
-            residual = x.float() - self._predict()
-        payload = self.compressor.encode(residual, self.codec_state)
-        decoded = self.compressor.decode(payload, residual.shape, residual.dtype)
-        return payload, self._update(decoded, x)
+            if self.mode == "delta":
+                residual = x.float() - self.previous_x.float()
+                self.previous_x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+            else:
+                residual = x.float() - self._predict()
+            clean, flag = _clean(residual)
+            payload = self.compressor.encode(clean, self.codec_state)
+            recon = self._update(self.compressor.decode(payload, clean.shape, clean.dtype), x.dtype)
+        payload[FLAGS_BYTE] = flag.to(torch.uint8)
+        self._count(flag)
+        return payload, _poison_if(recon, flag)
 
     # -- receiver --------------------------------------------------------------------------------
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, full: bool) -> torch.Tensor:
@@ -114,10 +123,12 @@ class Channel:
             x = decode_raw(payload, shape, dtype)
             self._set_full(x)
             return x
+        flag = payload[FLAGS_BYTE] != 0
+        self._count(flag)
         if self.mode == "none":
-            return self.compressor.decode(payload, shape, dtype)
+            return _poison_if(self.compressor.decode(payload, shape, dtype), flag)
         decoded = self.compressor.decode(payload, shape, torch.float32)
-        return self._update(decoded, torch.empty((), dtype=dtype))
+        return _poison_if(self._update(decoded, dtype), flag)
 
     # -- introspection ---------------------------------------------------------------------------
     def memory_bytes(self) -> int:
@@ -136,6 +147,19 @@ class Channel:
         """Perturb the base (tests of divergence detection only)."""
         if self.base is not None:
             self.base = self.base + scale * torch.ones_like(self.base)
+
+
+def _clean(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` with non-finite values zeroed, and a 0-dim bool tensor: did it have any? (no host sync)"""
+    flag = ~torch.isfinite(t.sum(dtype=torch.float32))
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), flag
+
+
+def _poison_if(t: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+    """All-NaN when ``flag`` is set: a sender's NaN/Inf stays visible downstream."""
+    if t.device.type == "cpu":
+        return torch.full_like(t, float("nan")) if bool(flag) else t
+    return torch.where(flag, torch.full((), float("nan"), dtype=t.dtype, device=t.device), t)
 
 
 @dataclass

@@ -8,7 +8,8 @@ Header layout (little endian)::
     2      wire version
     3      payload kind (0 compressed, 1 raw tensor bytes)
     4      dtype code of the encoded tensor
-    5..7   reserved (zero)
+    5      flags (bit 0: the sender's tensor had NaN/Inf, zeroed before encoding)
+    6..7   reserved (zero)
     8..11  fingerprint of the compressor spec (crc32 of its canonical JSON)
     12..15 number of elements of the encoded tensor (mod 2**32)
 """
@@ -27,6 +28,7 @@ import torch
 from .errors import ProtocolError
 
 HEADER_NBYTES = 16
+FLAGS_BYTE = 5
 WIRE_VERSION = 1
 MAGIC = b"CH"
 
