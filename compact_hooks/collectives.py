@@ -8,12 +8,13 @@ baseline; the ``compressed_*`` versions move codec payloads and reconstruct thro
 from __future__ import annotations
 
 import json
-from typing import Optional
+from datetime import timedelta
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-from .errors import ProtocolError
+from .errors import CollectiveTimeoutError, ProtocolError
 from .residual import Session
 from .wire import WIRE_VERSION, parse_header
 
@@ -52,11 +53,28 @@ def all_gather(tensor: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor
     return torch.cat(flat.unbind(0), dim=dim)
 
 
-def all_gather_bytes(payload: torch.Tensor, group: Group) -> torch.Tensor:
+def wait(work: Any, timeout_s: Optional[float], what: str) -> None:
+    """Wait for an async collective; a peer that died or hangs becomes a clear error."""
+    try:
+        if timeout_s is None:
+            work.wait()
+        else:
+            work.wait(timeout=timedelta(seconds=timeout_s))
+    except RuntimeError as exc:
+        raise CollectiveTimeoutError(
+            f"{what} did not complete within timeout_s={timeout_s}: a rank of the group died, hangs or "
+            f"runs a different program ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Check the other ranks' logs; raise timeout_s in the \"compact_hooks\" block if steps are just slow."
+        ) from exc
+
+
+def all_gather_bytes(payload: torch.Tensor, group: Group, timeout_s: Optional[float] = None,
+                     what: str = "all_gather") -> torch.Tensor:
     """Gather equal-length ``uint8`` payloads: returns ``[P, nbytes]``."""
     size = group_size(group)
     out = torch.empty((size, payload.numel()), dtype=payload.dtype, device=payload.device)
-    _all_gather_flat(out.view(-1), payload, group)
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    wait(fn(out.view(-1), payload, group=group, async_op=True), timeout_s, what)
     return out
 
 
@@ -75,10 +93,11 @@ def all_to_all(tensor: torch.Tensor, group: Group) -> torch.Tensor:
     return out
 
 
-def all_to_all_bytes(payloads: torch.Tensor, group: Group) -> torch.Tensor:
+def all_to_all_bytes(payloads: torch.Tensor, group: Group, timeout_s: Optional[float] = None,
+                     what: str = "all_to_all") -> torch.Tensor:
     """Exchange ``[P, nbytes]`` payloads: row ``j`` goes to rank ``j``; returns row ``j`` from rank ``j``."""
     out = torch.empty_like(payloads)
-    dist.all_to_all_single(out, payloads.contiguous(), group=group)
+    wait(dist.all_to_all_single(out, payloads.contiguous(), group=group, async_op=True), timeout_s, what)
     return out
 
 
@@ -135,7 +154,7 @@ def compressed_all_gather(x: torch.Tensor, group: Group, session: Session, key: 
     full = session.prepare(key, tuple(x.shape), x.dtype)
     me = global_rank(group, rank)
     payload, _ = session.channel(key, me).encode(x, full)
-    gathered = all_gather_bytes(payload, group)
+    gathered = all_gather_bytes(payload, group, session.timeout_s, f"all_gather of {key!r}")
     _check_first(session, key, gathered, full, group)
     parts = [x if j == rank else session.channel(key, global_rank(group, j)).decode(gathered[j], tuple(x.shape), x.dtype, full)
              for j in range(size)]
@@ -143,6 +162,7 @@ def compressed_all_gather(x: torch.Tensor, group: Group, session: Session, key: 
     out = torch.cat(parts, dim=dim)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, out, all_gather(x, group, dim))
+    maybe_verify(session, key, group)
     return out
 
 
@@ -165,7 +185,7 @@ def _exchange_chunks(chunks: list[torch.Tensor], group: Group, session: Session,
     nbytes = next(p.numel() for p in payloads if p is not None)
     own = payloads[(rank + 1) % size].new_zeros(nbytes)
     send = torch.stack([own if p is None else p for p in payloads])
-    recv = all_to_all_bytes(send, group)
+    recv = all_to_all_bytes(send, group, session.timeout_s, f"all_to_all of {key!r}")
     if full and session.keys[key].exchanges == 1:
         recv_check = torch.cat([recv[:rank], recv[rank + 1:]])
         verify_headers(recv_check, session, key, group, skip_rank=rank)
@@ -193,6 +213,7 @@ def compressed_all_to_all(x: torch.Tensor, group: Group, session: Session, key: 
     ks = _record(session, key, "all_to_all", (size - 1) * chunk_bytes, (size - 1) * nbytes, full)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, torch.cat(out), all_to_all(x, group))
+    maybe_verify(session, key, group)
     return torch.cat(out, dim=0)
 
 
@@ -219,7 +240,7 @@ def compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: 
     full_ag = session.prepare(key_ag, tuple(reduced.shape), x.dtype)
     me = global_rank(group, rank)
     payload, own = session.channel(key_ag, me).encode(reduced, full_ag)
-    gathered = all_gather_bytes(payload, group)
+    gathered = all_gather_bytes(payload, group, session.timeout_s, f"all_reduce of {key!r}")
     _check_first(session, key_ag, gathered, full_ag, group)
     parts = [own if j == rank else
              session.channel(key_ag, global_rank(group, j)).decode(gathered[j], tuple(reduced.shape), x.dtype, full_ag)
@@ -230,6 +251,8 @@ def compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: 
                  (size - 1) * (nbytes_rs + payload.numel()), full)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, out, all_reduce(x, group))
+    maybe_verify(session, key_rs, group)
+    maybe_verify(session, key_ag, group)
     return out
 
 
@@ -246,13 +269,46 @@ def compressed_ring_exchange(x: torch.Tensor, group: Group, session: Session, ke
     recv = torch.empty_like(payload)
     ops = [dist.P2POp(dist.isend, payload, nxt, group), dist.P2POp(dist.irecv, recv, prv, group)]
     for work in dist.batch_isend_irecv(ops):
-        work.wait()
+        wait(work, session.timeout_s, f"ring_exchange of {key!r}")
     _check_first(session, key, recv.unsqueeze(0), full, group)
     out = session.channel(key, prv, me).decode(recv, tuple(x.shape), x.dtype, full)
     ks = _record(session, key, "ring_exchange", x.numel() * x.element_size(), payload.numel(), full)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, out, ring_exchange(x, group))
+    maybe_verify(session, key, group)
     return out
+
+
+def maybe_verify(session: Session, key: str, group: Group) -> None:
+    """Every ``verify_every`` exchanges of ``key``: gather a checksum of every base of the key from
+    every rank; where two copies of a stream differ, every rank schedules a full send of the key."""
+    state = session.keys.get(key)
+    if (not session.verify_every or state is None or session.mode == "none"
+            or state.exchanges % session.verify_every):
+        return
+    size = group_size(group)
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
+    index = {g: i for i, g in enumerate(ranks)}
+    device = next((ch.base.device for ch in state.channels.values() if ch.base is not None), torch.device("cpu"))
+    table = torch.zeros((size, size + 1, 2), dtype=torch.int64, device=device)
+    for (src, dst), channel in state.channels.items():
+        if channel.base is not None:
+            j = size if dst is None else index[dst]
+            table[index[src], j, 0] = channel.checksum()
+            table[index[src], j, 1] = 1
+    gathered = torch.empty((size, *table.shape), dtype=table.dtype, device=device)
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    wait(fn(gathered.view(-1), table.view(-1), group=group, async_op=True), session.timeout_s,
+         f"base verification of {key!r}")
+    values, held = gathered[..., 0], gathered[..., 1].bool()
+    lo = torch.where(held, values, torch.iinfo(torch.int64).max).amin(0)
+    hi = torch.where(held, values, torch.iinfo(torch.int64).min).amax(0)
+    mismatch = (held.sum(0) > 1) & (lo != hi)
+    if bool(mismatch.any()):
+        streams = [f"{ranks[i]}->{'*' if j == size else ranks[j]}" for i, j in mismatch.nonzero().tolist()]
+        session.request_resync(key)
+        session.stats.warn(f"step {session.step}: bases of {key!r} diverged on streams {', '.join(streams)}; "
+                           "resynchronised with a full send")
 
 
 def verify_headers(payloads: torch.Tensor, session: Session, key: str, group: Group, skip_rank: Optional[int] = None) -> None:
@@ -286,7 +342,7 @@ def agree_on_settings(session: Session, group: Group) -> None:
     device = _device_of(group)
     buf = torch.zeros(SETTINGS_NBYTES, dtype=torch.uint8)
     buf[: len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
-    gathered = all_gather_bytes(buf.to(device), group).cpu()
+    gathered = all_gather_bytes(buf.to(device), group, session.timeout_s, "the settings handshake").cpu()
     texts = [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in gathered]
     me = group_rank(group)
     for j, text in enumerate(texts):

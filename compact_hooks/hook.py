@@ -174,7 +174,7 @@ class CompactHook(CommHook):
         out = self.session.stats.as_dict()
         out.update(hook="compact", compressor=self.session.compressor.spec(), residual=self.session.mode,
                    steps=self.session.step, requests=self.session.request,
-                   memory_bytes=self.session.memory_bytes())
+                   memory_bytes=self.session.memory_bytes(), nonfinite=self.session.nonfinite())
         return out
 
 

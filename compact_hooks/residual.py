@@ -143,6 +143,17 @@ class Channel:
                 h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
+    def checksum(self) -> torch.Tensor:
+        """A cheap position-weighted integer checksum of the base (and velocity), on its device."""
+        total = torch.zeros((), dtype=torch.int64, device=self.base.device if self.base is not None else "cpu")
+        for t in (self.base, self.velocity):
+            if t is None:
+                continue
+            bits = t.contiguous().view(-1).view(torch.int16 if t.element_size() == 2 else torch.int32)
+            weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
+            total = total + (bits.to(torch.int64) * weights).sum()
+        return total
+
     def corrupt_for_testing(self, scale: float = 1.0) -> None:
         """Perturb the base (tests of divergence detection only)."""
         if self.base is not None:
@@ -181,15 +192,20 @@ class Session:
     """
 
     def __init__(self, compressor: Compressor, mode: str = "ef", warmup_steps: int = 1,
-                 base_dtype: str = "input", stats: Optional[Stats] = None) -> None:
+                 base_dtype: str = "input", stats: Optional[Stats] = None, verify_every: int = 0,
+                 timeout_s: Optional[float] = None) -> None:
         if mode not in MODES:
             raise ValueError(f"residual mode must be one of {', '.join(MODES)}; got {mode!r}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0; got {warmup_steps}")
         if base_dtype != "input" and base_dtype not in BASE_DTYPES:
             raise ValueError(f"base_dtype must be 'input' or one of {', '.join(BASE_DTYPES)}; got {base_dtype!r}")
+        if verify_every < 0:
+            raise ValueError(f"verify_every must be >= 0; got {verify_every}")
         self.compressor = compressor
         self.mode = mode
+        self.verify_every = verify_every
+        self.timeout_s = timeout_s
         self.warmup_steps = warmup_steps
         self.base_dtype = None if base_dtype == "input" else BASE_DTYPES[base_dtype]
         self.stats = stats if stats is not None else Stats()
@@ -203,7 +219,8 @@ class Session:
     def from_config(cls, config: Any = None) -> "Session":
         cfg: CompactConfig = load_config(config)
         return cls(cfg.build_compressor(), cfg.residual, cfg.warmup_steps, cfg.base_dtype,
-                   Stats(enabled=cfg.stats.enabled, error_every=cfg.stats.error_every))
+                   Stats(enabled=cfg.stats.enabled, error_every=cfg.stats.error_every),
+                   cfg.verify_every, cfg.timeout_s)
 
     def settings(self) -> dict[str, Any]:
         """What every rank of a group must agree on."""
@@ -217,7 +234,7 @@ class Session:
             self.stats.end_step(self.request, self.step)
         self.request += 1
         self.step = 0
-        self.keys.clear()
+        self._drop_keys()
         self.auto_key_counts.clear()
 
     def next_step(self) -> None:
@@ -225,6 +242,20 @@ class Session:
         self.stats.end_step(self.request, self.step)
         self.step += 1
         self.auto_key_counts.clear()
+
+    def _drop_keys(self, key: Optional[str] = None) -> None:
+        """Forget channels (all, or one key's), keeping their non-finite counts in the stats."""
+        for name in [key] if key is not None else list(self.keys):
+            state = self.keys.pop(name, None)
+            if state is not None:
+                self.stats.nonfinite += sum(int(ch.nonfinite) for ch in state.channels.values()
+                                            if ch.nonfinite is not None)
+
+    def nonfinite(self) -> int:
+        """Payloads with NaN/Inf this rank sent or received (reads device counters: a sync)."""
+        live = sum(int(ch.nonfinite) for st in self.keys.values() for ch in st.channels.values()
+                   if ch.nonfinite is not None)
+        return self.stats.nonfinite + live
 
     def reset(self) -> None:
         """Drop all channels and counters."""
@@ -244,6 +275,7 @@ class Session:
         """Start an exchange of ``key``; return whether it is a full send. A new shape or dtype resets the key."""
         state = self.keys.get(key)
         if state is None or state.shape != tuple(shape) or state.dtype != dtype:
+            self._drop_keys(key)
             state = self.keys[key] = KeyState(tuple(shape), dtype)
         full = state.exchanges < self.warmup_steps or state.resync or state.exchanges == 0
         state.exchanges += 1
@@ -268,7 +300,7 @@ class Session:
         """Make the next exchange of ``key`` a full send (on every rank that calls it)."""
         if key in self.keys:
             self.keys[key].resync = True
-            self.stats.key(key, "?").resyncs += 1
+            self.stats.resyncs += 1
 
     def full_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         return raw_nbytes(int(torch.Size(shape).numel()), dtype)

@@ -19,23 +19,12 @@ class KeyStats:
     full_sends: int = 0
     raw_bytes: int = 0
     wire_bytes: int = 0
-    resyncs: int = 0
     error_samples: int = 0
     error_sum: float = 0.0
     last_error: Optional[float] = None
-    nonfinite_pending: Optional[torch.Tensor] = field(default=None, repr=False)
-    nonfinite_total: int = 0
-
-    def nonfinite(self) -> int:
-        """Non-finite values seen in decoded residuals (reads the device counter: a sync)."""
-        if self.nonfinite_pending is not None:
-            self.nonfinite_total += int(self.nonfinite_pending.item())
-            self.nonfinite_pending = None
-        return self.nonfinite_total
 
     def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k not in ("nonfinite_pending", "nonfinite_total", "error_sum")}
-        d["nonfinite"] = self.nonfinite()
+        d = {k: v for k, v in asdict(self).items() if k != "error_sum"}
         d["rel_error"] = self.error_sum / self.error_samples if self.error_samples else None
         d["compression_ratio"] = self.raw_bytes / self.wire_bytes if self.wire_bytes else None
         return d
@@ -51,6 +40,8 @@ class Stats:
     per_step: list[dict[str, Any]] = field(default_factory=list)
     step_raw: int = 0
     step_wire: int = 0
+    resyncs: int = 0
+    nonfinite: int = 0  # payloads with NaN/Inf this rank sent or received, of dropped channels
     warnings: list[str] = field(default_factory=list)
 
     def key(self, key: str, op: str) -> KeyStats:
@@ -80,9 +71,6 @@ class Stats:
         ks.error_sum += err
         ks.last_error = err
 
-    def count_nonfinite(self, ks: KeyStats, count: torch.Tensor) -> None:
-        ks.nonfinite_pending = count if ks.nonfinite_pending is None else ks.nonfinite_pending + count
-
     def end_step(self, request: int, step: int) -> None:
         if self.enabled and (self.step_raw or self.step_wire):
             self.per_step.append({"request": request, "step": step, "raw_bytes": self.step_raw,
@@ -102,8 +90,8 @@ class Stats:
             "compression_ratio": raw / wire if wire else None,
             "calls": sum(k.calls for k in self.per_key.values()),
             "full_sends": sum(k.full_sends for k in self.per_key.values()),
-            "resyncs": sum(k.resyncs for k in self.per_key.values()),
-            "nonfinite": sum(v["nonfinite"] for v in per_key.values()),
+            "resyncs": self.resyncs,
+            "nonfinite": self.nonfinite,
             "warnings": list(self.warnings),
             "per_key": per_key,
             "per_step": list(self.per_step),
@@ -113,7 +101,7 @@ class Stats:
         self.per_key.clear()
         self.per_step.clear()
         self.warnings.clear()
-        self.step_raw = self.step_wire = 0
+        self.step_raw = self.step_wire = self.resyncs = self.nonfinite = 0
 
 
 def write_json(stats: dict[str, Any], path: Union[str, os.PathLike[str]]) -> None:
