@@ -165,7 +165,10 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 def from_bytes(raw: torch.Tensor, dtype: torch.dtype, count: int) -> torch.Tensor:
     """Reinterpret ``raw`` bytes as ``count`` elements of ``dtype``."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return raw[: count * itemsize].contiguous().view(dtype)
+    chunk = raw[: count * itemsize]
+    if chunk.storage_offset() % itemsize or not chunk.is_contiguous():
+        chunk = chunk.clone()  # a payload cut out of a gathered buffer may start at an odd byte
+    return chunk.view(dtype)
 
 
 def encode_raw(x: torch.Tensor, fingerprint: int) -> torch.Tensor:
