@@ -33,7 +33,6 @@ EXTRA_SPECS: list[dict[str, Any]] = [
 ]
 SPECS: list[Any] = [*available_compressors(), *EXTRA_SPECS]
 
-CASTS = ("none", "fp16", "bf16")
 
 SETTINGS = settings(max_examples=150, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow])
