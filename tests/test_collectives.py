@@ -111,9 +111,10 @@ def test_lossy_bounded_and_bases_identical(world):
                 mean = sum(errs[1:]) / (STEPS - 1)
                 assert mean < bound, f"{label} {op}: mean error {mean:.4f} >= {bound}"
                 assert all(math.isfinite(e) for e in errs)
-                if residual in ("ef", "ef2"):  # bounded: no growth from the first to the last quarter
+                if residual in ("ef", "ef2"):  # bounded: the error has levelled off by the last quarter
                     q = STEPS // 4
-                    assert sum(errs[-q:]) / q < 2 * sum(errs[1:q + 1]) / q + 1e-3, f"{label} {op} grows: {errs}"
+                    third, last = sum(errs[-2 * q:-q]) / q, sum(errs[-q:]) / q
+                    assert last < 1.25 * third + 1e-3, f"{label} {op} grows: {errs}"
             # every stream's base hash is the same on every rank that holds it
             streams: dict[str, set] = {}
             for r in per_rank:
