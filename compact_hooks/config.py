@@ -32,6 +32,7 @@ Collective = Literal["all_gather", "all_to_all", "all_reduce", "ring_exchange"]
 ResidualMode = Literal["none", "delta", "ef", "ef2"]
 HookKind = Literal["compact", "stale", "passthrough", "cast"]
 BaseDtype = Literal["float32", "bfloat16", "float16", "input"]
+MAX_TIMEOUT_S = 366 * 86400.0  # a year; larger values overflow timedelta / gloo's millisecond timeouts
 
 
 class _Block(BaseModel):
@@ -57,7 +58,7 @@ class CompactConfig(_Block):
     base_dtype: BaseDtype = "input"
     cast_dtype: Literal["float16", "bfloat16"] = "bfloat16"
     verify_every: int = Field(0, ge=0)
-    timeout_s: float = Field(300.0, gt=0)
+    timeout_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
 
     @field_validator("timeout_s", mode="before")
     @classmethod
@@ -65,9 +66,11 @@ class CompactConfig(_Block):
         return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
     stats: StatsConfig = StatsConfig()
 
-    @field_validator("compressor")
+    @field_validator("compressor", mode="before")
     @classmethod
-    def _compressor_builds(cls, value: Union[str, dict[str, Any]]) -> Union[str, dict[str, Any]]:
+    def _compressor_builds(cls, value: Any) -> Any:
+        # before the type check: a wrong type or key gets the registry's message and key path
+        # (compressor, compressor.name, compressor.<param>), not pydantic's "valid string" of the str branch
         build_compressor(value)  # raises ConfigError naming compressor.<param>
         return value
 
@@ -82,10 +85,14 @@ class CompactConfig(_Block):
         return build_compressor(self.compressor)
 
 
-def _key_path(loc: tuple[Any, ...]) -> str:
+def _key_path(loc: tuple[Any, ...], last_is_key: bool = False) -> str:
+    """``compact_hooks.a.b[0]`` from a pydantic error location; ``last_is_key``: the final item is a
+    (non-string) mapping key, not a list index."""
     parts = [BLOCK]
-    for item in loc:
-        if isinstance(item, int):
+    for n, item in enumerate(loc):
+        if isinstance(item, int) and last_is_key and n == len(loc) - 1:
+            parts.append(str(item))
+        elif isinstance(item, int):
             parts[-1] += f"[{item}]"
         elif item in ("str", "dict[str,any]", "function-after[_compressor_builds(), union[str,dict[str,any]]]"):
             continue
@@ -109,7 +116,8 @@ def parse_block(block: Any) -> CompactConfig:
         ctx_error = (err.get("ctx") or {}).get("error")
         if isinstance(ctx_error, ConfigError):
             raise ConfigError(f"{BLOCK}.{ctx_error.key_path}", str(ctx_error).split(": ", 1)[1]) from None
-        path = _key_path(tuple(p for p in err["loc"] if not str(p).startswith(("function-", "union["))))
+        path = _key_path(tuple(p for p in err["loc"] if not str(p).startswith(("function-", "union["))),
+                         last_is_key=err["type"] == "invalid_key")
         message = err["msg"]
         if err["type"] == "extra_forbidden":
             allowed = ", ".join(sorted(CompactConfig.model_fields)) if len(err["loc"]) == 1 else None
@@ -130,13 +138,21 @@ def read_json(path: Union[str, os.PathLike[str]]) -> dict[str, Any]:
     """Read a JSON file; a missing file or bad JSON raises :class:`ConfigError`."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(str(p), f"cannot read the config file: {exc.strerror}") from None
+        raise ConfigError(str(p), f"cannot read the config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(p), f"not a UTF-8 text file (byte {exc.start}): is it really the JSON config?") from None
+    except ValueError as exc:  # a path with a NUL byte
+        raise ConfigError(str(p).replace("\0", "\\0"), f"not a usable file path: {exc}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(str(p), f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise ConfigError(str(p), "not a usable JSON config: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal with more digits than Python converts
+        raise ConfigError(str(p), f"not a usable JSON config: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(str(p), f"the top level must be a JSON object; got {type(data).__name__}")
     return data

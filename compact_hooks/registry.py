@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable, Mapping, TypeVar, Union
@@ -95,7 +96,7 @@ class Registry:
             return cls(**params)
         except ConfigError:
             raise
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, ArithmeticError) as exc:
             bad = _named_param(str(exc), params)
             raise ConfigError(f"compressor.{bad}" if bad else "compressor", f"{name!r}: {exc}") from exc
 
@@ -108,10 +109,14 @@ def _keyword_params(cls: type) -> set[str] | None:
 
 
 def _named_param(message: str, params: Mapping[str, Any]) -> str | None:
+    """The parameter a codec's error message is about: the one it names first, as a whole word
+    (``"m (the block length) ..."`` is about ``m``, not ``n``, though the text contains an n)."""
+    best: tuple[int, str] | None = None
     for key in params:
-        if key in message:
-            return key
-    return None
+        found = re.search(rf"(?<![A-Za-z0-9_]){re.escape(str(key))}(?![A-Za-z0-9_])", message)
+        if found is not None and (best is None or found.start() < best[0]):
+            best = (found.start(), str(key))
+    return best[1] if best else None
 
 
 REGISTRY = Registry()

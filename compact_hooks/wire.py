@@ -144,7 +144,6 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if bits == 8:
         return packed[:count]
     if bits in (1, 2, 4):
-        per_byte = 8 // bits
         mask = (1 << bits) - 1
         shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
         codes = (packed.unsqueeze(1) >> shifts) & mask

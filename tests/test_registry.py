@@ -30,9 +30,8 @@ def test_unknown_name_lists_registered():
 
 
 def test_register_decorator_in_process():
-    from compact_hooks.registry import Registry
-
     from compact_hooks.compressors.cast import NoneCompressor
+    from compact_hooks.registry import Registry
 
     reg = Registry()
     reg.register("copy_of_none", type("CopyOfNone", (NoneCompressor,), {}))

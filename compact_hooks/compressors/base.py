@@ -8,8 +8,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ..wire import (FLOAT_DTYPES, HEADER_NBYTES, PayloadKind, as_bytes, header_tensor,
-                    spec_fingerprint)
+from ..wire import FLOAT_DTYPES, HEADER_NBYTES, PayloadKind, as_bytes, header_tensor, spec_fingerprint
 
 Shape = Sequence[int]
 

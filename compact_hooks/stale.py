@@ -1,0 +1,136 @@
+"""StaleHook: DistriFusion's stale activations, the baseline compact-hooks is measured against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import collectives as C
+from .hook import CollectiveCall, CommHook, plain_collective
+from .stats import Stats
+
+
+@dataclass
+class _StaleEntry:
+    work: Any
+    buffer: torch.Tensor
+    local: torch.Tensor
+    result: Optional[torch.Tensor] = None
+
+
+class StaleHook(CommHook):
+    """DistriFusion-style stale activations: after ``warmup_steps`` exact exchanges of a key in a
+    request, return the previous step's remote data (the local part fresh) and start this step's
+    exchange asynchronously, overlapping it with compute. The baseline the paper beats."""
+
+    def __init__(self, warmup_steps: int = 1, stats: Optional[Stats] = None) -> None:
+        if warmup_steps < 1:
+            raise ValueError(f"StaleHook needs warmup_steps >= 1 (the first step has nothing stale); got {warmup_steps}")
+        self.warmup_steps = warmup_steps
+        self.pending: dict[str, _StaleEntry] = {}
+        self.exchanges: dict[str, int] = {}
+        self.auto_counts: dict[str, int] = {}
+        self.stats_ = stats if stats is not None else Stats()
+        self.step = 0
+        self.request = 0
+
+    def __call__(self, call: CollectiveCall) -> torch.Tensor:
+        x = call.tensor
+        size = C.group_size(call.group)
+        if size == 1:
+            return x
+        if call.key is None:
+            n = self.auto_counts.get(call.op, 0)
+            self.auto_counts[call.op] = n + 1
+            key = f"{call.op}#{n}"
+        else:
+            key = call.key
+        nbytes = x.numel() * x.element_size()
+        self.stats_.record(key, call.op, nbytes, nbytes, False)
+        count = self.exchanges.get(key, 0)
+        self.exchanges[key] = count + 1
+        previous = self.pending.pop(key, None)
+        if previous is not None and previous.local.shape != x.shape:
+            previous.work.wait()
+            previous = None
+        if count < self.warmup_steps or previous is None:
+            if previous is not None:
+                previous.work.wait()
+            return plain_collective(call)
+        previous.work.wait()
+        stale = self._assemble(call, previous, x, size)
+        self.pending[key] = self._start(call, x, size)
+        return stale
+
+    def _start(self, call: CollectiveCall, x: torch.Tensor, size: int) -> _StaleEntry:
+        x = x.contiguous()
+        if call.op == "all_gather":
+            buf = torch.empty((size, *x.shape), dtype=x.dtype, device=x.device)
+            fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            work = fn(buf.view(-1), x.view(-1), group=call.group, async_op=True)
+        elif call.op == "all_to_all":
+            buf = torch.empty_like(x)
+            work = dist.all_to_all_single(buf, x, group=call.group, async_op=True)
+        elif call.op == "all_reduce":
+            buf = x.clone()
+            work = dist.all_reduce(buf, group=call.group, async_op=True)
+        else:
+            rank = C.group_rank(call.group)
+            buf = torch.empty_like(x)
+            ops = [dist.P2POp(dist.isend, x, C.global_rank(call.group, (rank + 1) % size), call.group),
+                   dist.P2POp(dist.irecv, buf, C.global_rank(call.group, (rank - 1) % size), call.group)]
+            work = _AllWorks(dist.batch_isend_irecv(ops))
+        return _StaleEntry(work, buf, x)
+
+    def _assemble(self, call: CollectiveCall, prev: _StaleEntry, x: torch.Tensor, size: int) -> torch.Tensor:
+        rank = C.group_rank(call.group)
+        if call.op == "all_gather":
+            parts = list(prev.buffer.unbind(0))
+            parts[rank] = x
+            return torch.cat(parts, dim=call.dim)
+        if call.op == "all_to_all":
+            parts = list(prev.buffer.chunk(size, dim=0))
+            parts[rank] = x.chunk(size, dim=0)[rank]
+            return torch.cat(parts, dim=0)
+        if call.op == "all_reduce":
+            return prev.buffer - prev.local + x
+        return prev.buffer
+
+    def _drain(self) -> None:
+        for entry in self.pending.values():
+            entry.work.wait()
+        self.pending.clear()
+
+    def begin_request(self) -> None:
+        self._drain()
+        self.exchanges.clear()
+        self.auto_counts.clear()
+        self.request += 1
+        self.step = 0
+
+    def next_step(self) -> None:
+        self.stats_.end_step(self.request, self.step)
+        self.step += 1
+        self.auto_counts.clear()
+
+    def reset(self) -> None:
+        self._drain()
+        self.exchanges.clear()
+        self.stats_.clear()
+
+    def stats(self) -> dict[str, Any]:
+        out = self.stats_.as_dict()
+        out.update(hook="stale", steps=self.step, requests=self.request)
+        return out
+
+
+class _AllWorks:
+    def __init__(self, works: list[Any]) -> None:
+        self.works = works
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
