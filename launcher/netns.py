@@ -1,6 +1,6 @@
 """Emulated hosts on one machine: one network namespace per host, joined by a bridge (needs root).
 
-Used by the multi-node tests and benchmarks::
+Used by the multi-node tests and ``compact-hooks bench e2e``::
 
     with emulated_hosts(3, rate="1gbit") as hosts:
         hosts.run(["mpirun", *hosts.mpirun_args(), "--hostfile", str(hosts.hostfile), "-np", "3", "hostname"])

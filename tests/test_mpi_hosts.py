@@ -24,10 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-try:
-    import netns
-except ImportError:  # tests/ imported as a package
-    from tests import netns
+from compact_hooks.launcher import netns
 
 Hosts, NetnsUnavailable, emulated_hosts = netns.Hosts, netns.NetnsUnavailable, netns.emulated_hosts
 
