@@ -10,6 +10,7 @@ JSON shapes (see docs/benchmarks.md)::
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -198,8 +199,13 @@ def add_parser(sub: argparse._SubParsersAction, extra: Optional[Callable[[argpar
     drift.add_argument("--json", action="store_true")
     drift.set_defaults(handler=main_drift)
 
+    from compact_hooks.launcher import bench_scaling
+
+    bench_scaling.add_parser(kinds)
     try:
-        from compact_hooks.launcher import bench_e2e
-    except ImportError:
+        bench_e2e = importlib.import_module("compact_hooks.launcher.bench_e2e")
+    except ModuleNotFoundError as exc:  # TEMP while bench_e2e is being written
+        if exc.name != "compact_hooks.launcher.bench_e2e":
+            raise
         return
     bench_e2e.add_parser(kinds)

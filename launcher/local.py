@@ -1,0 +1,52 @@
+"""Run a function on several local processes joined by a gloo process group (tests, benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)  # ranks share the machine's cores
+    result: Any
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+        try:
+            result = ("ok", fn(rank, world_size, *args))
+        finally:
+            dist.destroy_process_group()
+    except BaseException as exc:  # reported to the parent, which raises
+        result = ("error", f"rank {rank}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    Path(out_dir, f"{rank}.pkl").write_bytes(pickle.dumps(result))
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned processes; return their results.
+
+    ``fn`` must be importable (module level). A failing rank raises ``RuntimeError`` here.
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_entry, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
+                           join=True, start_method="spawn")
+        results = [pickle.loads(Path(out_dir, f"{r}.pkl").read_bytes()) for r in range(world_size)]
+    errors = [r[1] for r in results if r[0] == "error"]
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [r[1] for r in results]
