@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import register_compressor
-from ..wire import from_bytes, pack_bits, packed_nbytes, unpack_bits
+from ..wire import from_bytes, pack_bits, packed_nbytes
 from .base import Compressor, numel_of
 
 FP16_MAX = 65504.0
@@ -131,6 +131,28 @@ def grid_codes(x: torch.Tensor, inv: torch.Tensor, grid: Grid, inplace: bool = F
     return t.to(torch.uint8)  # truncation == floor since t >= 0: round half up
 
 
+def level_table(bits: int, levels: list[float], device: torch.device) -> torch.Tensor:
+    """``[256, 8 // bits]`` float32: the levels of the codes packed in each possible byte."""
+    per_byte = 8 // bits
+    shifts = torch.arange(0, 8, bits, device=device)
+    codes = (torch.arange(256, device=device).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return torch.tensor(levels, dtype=torch.float32, device=device)[codes].view(256, per_byte)
+
+
+def byte_levels(packed: torch.Tensor, bits: int, levels: list[float], count: int) -> torch.Tensor:
+    """float32 ``[count]``: the level of every code packed in ``packed``, by one table lookup per byte
+    (faster than shifting, masking and converting codes, and exact)."""
+    table = level_table(bits, levels, packed.device)
+    return table.index_select(0, packed.int()).view(-1)[:count]
+
+
+def grid_levels(packed: torch.Tensor, grid: Grid, count: int) -> torch.Tensor:
+    """float32 ``[count]``: ``code - off`` of every packed code of a :class:`Grid`."""
+    if grid.bits == 8:  # one code per byte: a conversion beats a table lookup
+        return packed[:count].float().sub_(grid.off)
+    return byte_levels(packed, grid.bits, [float(c - grid.off) for c in range(2**grid.bits)], count)
+
+
 def grid_decode_into(codes: torch.Tensor, scale: torch.Tensor, grid: Grid, out: torch.Tensor) -> None:
     """``out = (codes - off) * scale``, exact in float32, rounded once into ``out``'s dtype."""
     torch.addcmul(scale * (-grid.off), codes, scale, out=out)
@@ -195,14 +217,12 @@ class _GroupQuantizer(Compressor):
         tokens, channels, g, groups = self._layout(shape)
         ns = tokens * groups
         s32 = from_bytes(body, torch.float16, ns).float()
-        codes = unpack_bits(body[2 * ns:], self.grid.bits, n)
-        out = torch.empty((tokens, channels), dtype=dtype, device=body.device)
+        levels = grid_levels(body[2 * ns:], self.grid, n)
         if channels % g == 0:
-            grid_decode_into(codes.view(ns, g), s32.unsqueeze(1), self.grid, out.view(ns, g))
+            values = levels.view(ns, g).mul_(s32.unsqueeze(1))
         else:
-            scale = s32.view(tokens, groups).repeat_interleave(g, dim=1)[:, :channels]
-            grid_decode_into(codes.view(tokens, channels), scale, self.grid, out)
-        return out.view(shape)
+            values = levels.view(tokens, channels).mul_(s32.view(tokens, groups).repeat_interleave(g, dim=1)[:, :channels])
+        return values.view(shape).to(dtype)
 
 
 @register_compressor("int8")
@@ -241,14 +261,6 @@ class Int2Compressor(_GroupQuantizer):
 
 
 # -- CompactFusion sign codecs -------------------------------------------------------------------
-def _level_table(bits: int, levels: list[float], device: torch.device) -> torch.Tensor:
-    """``[256, 8 // bits]`` float32: the levels of the codes packed in each possible byte."""
-    per_byte = 8 // bits
-    shifts = torch.arange(0, 8, bits, device=device)
-    codes = (torch.arange(256, device=device).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-    return torch.tensor(levels, dtype=torch.float32, device=device)[codes].view(256, per_byte)
-
-
 class _SeparableSign(Compressor):
     """Sign codes times a separable magnitude ``t[t_, c] = channel_scale[c] * token_scale[t_]``
     where ``channel_scale`` is the mean |x| of each channel over tokens and ``token_scale`` the
@@ -289,8 +301,7 @@ class _SeparableSign(Compressor):
         ch = from_bytes(body, torch.float16, channels).float()
         tok = from_bytes(body[2 * channels:], torch.float16, tokens).float()
         packed = body[2 * (channels + tokens):]
-        table = _level_table(self.bits, self.levels, body.device)
-        vals = table[packed.long()].view(-1)[:n].view(tokens, channels)
+        vals = byte_levels(packed, self.bits, self.levels, n).view(tokens, channels)
         vals.mul_(tok.unsqueeze(1))
         out = torch.empty((tokens, channels), dtype=dtype, device=body.device)
         torch.mul(vals, ch.unsqueeze(0), out=out)
