@@ -8,8 +8,9 @@ baseline; the ``compressed_*`` versions move codec payloads and reconstruct thro
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,12 @@ def global_rank(group: Group, group_rank_: int) -> int:
     return dist.get_global_rank(group, group_rank_)
 
 
+def plain_bytes(op: str, nbytes: int, size: int) -> int:
+    """Bytes one rank sends for an uncompressed collective of an ``nbytes`` tensor (ring/pairwise)."""
+    return {"all_gather": (size - 1) * nbytes, "all_to_all": (size - 1) * nbytes // size,
+            "all_reduce": 2 * (size - 1) * nbytes // size, "ring_exchange": nbytes}[op]
+
+
 def _all_gather_flat(out: torch.Tensor, tensor: torch.Tensor, group: Group) -> None:
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(out, tensor, group=group)
@@ -54,18 +61,54 @@ def all_gather(tensor: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor
 
 
 def wait(work: Any, timeout_s: Optional[float], what: str) -> None:
-    """Wait for an async collective; a peer that died or hangs becomes a clear error."""
+    """Wait for an async collective; a peer that died or hangs becomes a clear error.
+
+    Gloo honours ``Work.wait(timeout=...)`` (checked on torch 2.13: it raises "Operation timed
+    out!" on time); a peer killed outright is seen at once as a closed connection.
+    """
     try:
         if timeout_s is None:
             work.wait()
         else:
             work.wait(timeout=timedelta(seconds=timeout_s))
     except RuntimeError as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        if "timed out" in detail.lower() or "timeout" in detail.lower():
+            cause = f"did not complete within timeout_s={timeout_s}: a rank of the group hangs, died or runs a different program"
+        else:
+            cause = (f"failed before timeout_s={timeout_s}: a rank of the group died or closed its connection "
+                     "(killed, out of memory, or crashed)")
         raise CollectiveTimeoutError(
-            f"{what} did not complete within timeout_s={timeout_s}: a rank of the group died, hangs or "
-            f"runs a different program ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            "Check the other ranks' logs; raise timeout_s in the \"compact_hooks\" block if steps are just slow."
+            f"{what} {cause} ({type(exc).__name__}: {detail}). Check the other ranks' logs; raise timeout_s in "
+            "the \"compact_hooks\" block if steps are just slow. The process group is unusable after this error."
         ) from exc
+
+
+@contextmanager
+def transport_timeout(group: Group, timeout_s: Optional[float]) -> Iterator[None]:
+    """Collectives enqueued inside run with at most ``timeout_s`` as gloo's own timeout.
+
+    ``Work.wait(timeout=...)`` raises on time, but gloo's worker thread stays blocked on a hung
+    peer until the process group's timeout (30 minutes by default), and the process cannot exit
+    before it. An op enqueued with ``timeout_s`` frees both. Other backends: nothing changes.
+    """
+    backend, previous = None, None
+    if timeout_s is not None and dist.is_initialized():
+        try:
+            pg = group if group is not None else dist.distributed_c10d._get_default_group()
+            if dist.get_backend(pg) == "gloo":
+                candidate = pg._get_backend(torch.device("cpu"))
+                previous = candidate.options._timeout
+                if previous > timedelta(seconds=timeout_s):
+                    candidate._set_default_timeout(timedelta(seconds=timeout_s))
+                    backend = candidate
+        except (AttributeError, RuntimeError, ValueError, TypeError):  # private API moved: keep the old behaviour
+            backend = None
+    try:
+        yield
+    finally:
+        if backend is not None:
+            backend._set_default_timeout(previous)
 
 
 def all_gather_bytes(payload: torch.Tensor, group: Group, timeout_s: Optional[float] = None,
@@ -74,7 +117,9 @@ def all_gather_bytes(payload: torch.Tensor, group: Group, timeout_s: Optional[fl
     size = group_size(group)
     out = torch.empty((size, payload.numel()), dtype=payload.dtype, device=payload.device)
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    wait(fn(out.view(-1), payload, group=group, async_op=True), timeout_s, what)
+    with transport_timeout(group, timeout_s):
+        work = fn(out.view(-1), payload, group=group, async_op=True)
+    wait(work, timeout_s, what)
     return out
 
 
@@ -97,7 +142,9 @@ def all_to_all_bytes(payloads: torch.Tensor, group: Group, timeout_s: Optional[f
                      what: str = "all_to_all") -> torch.Tensor:
     """Exchange ``[P, nbytes]`` payloads: row ``j`` goes to rank ``j``; returns row ``j`` from rank ``j``."""
     out = torch.empty_like(payloads)
-    wait(dist.all_to_all_single(out, payloads.contiguous(), group=group, async_op=True), timeout_s, what)
+    with transport_timeout(group, timeout_s):
+        work = dist.all_to_all_single(out, payloads.contiguous(), group=group, async_op=True)
+    wait(work, timeout_s, what)
     return out
 
 
@@ -268,7 +315,9 @@ def compressed_ring_exchange(x: torch.Tensor, group: Group, session: Session, ke
     payload, _ = session.channel(key, me, nxt).encode(x, full)
     recv = torch.empty_like(payload)
     ops = [dist.P2POp(dist.isend, payload, nxt, group), dist.P2POp(dist.irecv, recv, prv, group)]
-    for work in dist.batch_isend_irecv(ops):
+    with transport_timeout(group, session.timeout_s):
+        works = dist.batch_isend_irecv(ops)
+    for work in works:
         wait(work, session.timeout_s, f"ring_exchange of {key!r}")
     _check_first(session, key, recv.unsqueeze(0), full, group)
     out = session.channel(key, prv, me).decode(recv, tuple(x.shape), x.dtype, full)
@@ -298,8 +347,9 @@ def maybe_verify(session: Session, key: str, group: Group) -> None:
             table[index[src], j, 1] = 1
     gathered = torch.empty((size, *table.shape), dtype=table.dtype, device=device)
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    wait(fn(gathered.view(-1), table.view(-1), group=group, async_op=True), session.timeout_s,
-         f"base verification of {key!r}")
+    with transport_timeout(group, session.timeout_s):
+        work = fn(gathered.view(-1), table.view(-1), group=group, async_op=True)
+    wait(work, session.timeout_s, f"base verification of {key!r}")
     values, held = gathered[..., 0], gathered[..., 1].bool()
     lo = torch.where(held, values, torch.iinfo(torch.int64).max).amin(0)
     hi = torch.where(held, values, torch.iinfo(torch.int64).min).amax(0)
@@ -327,16 +377,17 @@ def verify_headers(payloads: torch.Tensor, session: Session, key: str, group: Gr
 SETTINGS_NBYTES = 1024
 
 
-def agree_on_settings(session: Session, group: Group) -> None:
-    """Once per group: gather every rank's settings and raise :class:`ProtocolError` naming both
-    sides when they differ (a different compressor, parameter, residual mode or wire version)."""
+def agree_on_settings(session: Session, group: Group, extra: Optional[dict[str, Any]] = None) -> None:
+    """Once per group: gather every rank's settings (plus ``extra``, e.g. the hook's compressed
+    ops) and raise :class:`ProtocolError` naming both sides when they differ (a different
+    compressor, parameter, residual mode or wire version)."""
     size = group_size(group)
     if size == 1:
         return
     ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(size))
     if ranks in session.checked_groups:
         return
-    mine = json.dumps({"wire": WIRE_VERSION, **session.settings()}, sort_keys=True).encode()
+    mine = json.dumps({"wire": WIRE_VERSION, **session.settings(), **(extra or {})}, sort_keys=True).encode()
     if len(mine) > SETTINGS_NBYTES:
         mine = mine[: SETTINGS_NBYTES - 16] + b"...(truncated)"
     device = _device_of(group)
@@ -348,11 +399,22 @@ def agree_on_settings(session: Session, group: Group) -> None:
     for j, text in enumerate(texts):
         if text != texts[me]:
             raise ProtocolError(
-                f"ranks of the group {list(ranks)} disagree on compact-hooks settings: rank {ranks[me]} has "
+                f"ranks of the group {list(ranks)} disagree on compact-hooks settings{_differing(texts[me], text)}: "
+                f"rank {ranks[me]} has "
                 f"{texts[me]} but rank {ranks[j]} has {text}. Give every rank the same \"compact_hooks\" "
                 "config and compact-hooks version."
             )
     session.checked_groups.add(ranks)
+
+
+def _differing(mine: str, theirs: str) -> str:
+    """`` (they differ in: a, b)`` from two settings texts (empty if either is truncated)."""
+    try:
+        a, b = json.loads(mine), json.loads(theirs)
+    except ValueError:
+        return ""
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return f" (they differ in: {', '.join(keys)})" if keys else ""
 
 
 def _device_of(group: Group) -> torch.device:

@@ -128,10 +128,12 @@ class CompactHook(CommHook):
         if C.group_size(call.group) == 1:
             return x
         key = call.key if call.key is not None else session.auto_key(call.op)
+        # before the plain path too: ranks that disagree on which ops they compress would pair a
+        # compressed collective with a plain one
+        C.agree_on_settings(session, call.group, {"collectives": sorted(self.collectives)})
         if (call.op not in self.collectives or not x.is_floating_point() or x.numel() == 0
                 or x.dtype not in FLOAT_DTYPES or session.is_lossless(x.dtype)):
             return self._plain(call, key)
-        C.agree_on_settings(session, call.group)
         if call.op == "all_gather":
             return C.compressed_all_gather(x, call.group, session, key, call.dim)
         if call.op == "all_to_all":
@@ -143,10 +145,7 @@ class CompactHook(CommHook):
         return C.compressed_ring_exchange(x, call.group, session, key)
 
     def _plain(self, call: CollectiveCall, key: str) -> torch.Tensor:
-        size = C.group_size(call.group)
-        nbytes = call.tensor.numel() * call.tensor.element_size()
-        sent = {"all_gather": (size - 1) * nbytes, "all_to_all": (size - 1) * nbytes // size,
-                "all_reduce": 2 * (size - 1) * nbytes // size, "ring_exchange": nbytes}[call.op]
+        sent = C.plain_bytes(call.op, call.tensor.numel() * call.tensor.element_size(), C.group_size(call.group))
         self.session.stats.record(key, call.op, sent, sent, True)
         return plain_collective(call)
 

@@ -18,7 +18,13 @@ class _StaleEntry:
     work: Any
     buffer: torch.Tensor
     local: torch.Tensor
-    result: Optional[torch.Tensor] = None
+    done: bool = False
+
+    def wait(self) -> None:
+        """Wait once: a gloo send/recv work must not be waited on twice."""
+        if not self.done:
+            self.work.wait()
+            self.done = True
 
 
 class StaleHook(CommHook):
@@ -48,19 +54,25 @@ class StaleHook(CommHook):
             key = f"{call.op}#{n}"
         else:
             key = call.key
-        nbytes = x.numel() * x.element_size()
-        self.stats_.record(key, call.op, nbytes, nbytes, False)
+        sent = C.plain_bytes(call.op, x.numel() * x.element_size(), size)
+        self.stats_.record(key, call.op, sent, sent, False)
         count = self.exchanges.get(key, 0)
         self.exchanges[key] = count + 1
         previous = self.pending.pop(key, None)
         if previous is not None and previous.local.shape != x.shape:
-            previous.work.wait()
+            previous.wait()
             previous = None
         if count < self.warmup_steps or previous is None:
             if previous is not None:
-                previous.work.wait()
-            return plain_collective(call)
-        previous.work.wait()
+                previous.wait()
+            if count + 1 < self.warmup_steps:
+                return plain_collective(call)
+            # the last exact step: its exchange is also the stale data of the next step
+            entry = self._start(call, x, size)
+            entry.wait()
+            self.pending[key] = entry
+            return self._exact(call, entry)
+        previous.wait()
         stale = self._assemble(call, previous, x, size)
         self.pending[key] = self._start(call, x, size)
         return stale
@@ -85,6 +97,12 @@ class StaleHook(CommHook):
             work = _AllWorks(dist.batch_isend_irecv(ops))
         return _StaleEntry(work, buf, x)
 
+    def _exact(self, call: CollectiveCall, entry: _StaleEntry) -> torch.Tensor:
+        """The exact result of a completed exchange (copies: the buffer is kept for the next step)."""
+        if call.op == "all_gather":
+            return torch.cat(entry.buffer.unbind(0), dim=call.dim)
+        return entry.buffer.clone()
+
     def _assemble(self, call: CollectiveCall, prev: _StaleEntry, x: torch.Tensor, size: int) -> torch.Tensor:
         rank = C.group_rank(call.group)
         if call.op == "all_gather":
@@ -101,7 +119,7 @@ class StaleHook(CommHook):
 
     def _drain(self) -> None:
         for entry in self.pending.values():
-            entry.work.wait()
+            entry.wait()
         self.pending.clear()
 
     def begin_request(self) -> None:

@@ -1,0 +1,377 @@
+"""``compact-hooks run``: sequence-parallel diffusers inference with a compact-hooks CommHook.
+
+Launched on N ranks by ``deepspeed --num_gpus N``, ``torchrun --nproc-per-node N`` or ``mpirun -n N``
+(or run as one process)::
+
+    compact-hooks run --config examples/configs/diffusers_ulysses_int2.json --out out
+
+Without ``--model`` it builds a small random-weight FLUX-architecture pipeline (fixed weights, no
+downloads). Every rank runs the same pipeline call; the transformer is sequence-parallel
+(``parallelize``) with the config's hook. Unless ``--no-reference``, the same call is first run with
+a :class:`PassthroughHook` (exact parallel output) and the compressed image is compared with it.
+Rank 0 writes ``image.png`` (``reference.png``) and ``stats.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+EMBEDDED_DEFAULTS = {"steps": 20, "height": 128, "width": 128, "guidance_scale": 3.5}
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``run`` on the ``compact-hooks`` command's subparsers."""
+    p = subparsers.add_parser(
+        "run", help="sequence-parallel diffusers inference with compressed collectives",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="JSON config with a \"compact_hooks\" block")
+    p.add_argument("--model", help="local diffusers pipeline directory (default: embedded random FLUX model)")
+    p.add_argument("--prompt-embeds", help="torch/safetensors file of pipeline kwargs "
+                                            "(prompt_embeds, pooled_prompt_embeds, ...)")
+    p.add_argument("--prompt", help="text prompt (a --model with text encoders)")
+    p.add_argument("--steps", type=int, help="denoising steps (embedded model: 20; --model: the pipeline's default)")
+    p.add_argument("--height", type=int, help="image height in pixels (embedded: 128; --model: the pipeline's)")
+    p.add_argument("--width", type=int, help="image width in pixels (embedded: 128; --model: the pipeline's)")
+    p.add_argument("--guidance-scale", type=float, help="(embedded: 3.5; --model: the pipeline's default)")
+    p.add_argument("--out", default="out", help="output directory (rank 0 writes it)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--mode", choices=("ulysses", "allgather", "ring"), default="ulysses")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--no-reference", action="store_true", help="skip the uncompressed reference run")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(handler=main)
+    return p
+
+
+# ---- setup -------------------------------------------------------------------------------------
+
+
+def init_distributed() -> tuple[int, int, int, bool]:
+    """``(rank, world_size, local_rank, initialised_here)``; a process started without a launcher runs
+    alone, and an already initialised torch.distributed is used as it is."""
+    import torch
+    import torch.distributed as dist
+
+    owned = False
+    if not dist.is_initialized():
+        if not any(v in os.environ for v in LAUNCHER_VARS):
+            return 0, 1, 0, False
+        owned = True
+        try:
+            from compact_hooks.launcher.mpi import init_distributed as mpi_init
+        except ImportError:
+            mpi_init = None
+        if mpi_init is not None:
+            mpi_init()
+        else:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            dist.init_process_group(backend, init_method="env://")
+    local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return dist.get_rank(), dist.get_world_size(), local, owned
+
+
+def load_prompt_kwargs(path: str, device: Any, dtype: Any) -> dict[str, Any]:
+    """Pipeline kwargs (tensors) from a ``.safetensors`` file or a ``torch.save``'d dict."""
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        data = load_file(path)
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(data, torch.Tensor):
+        data = {"prompt_embeds": data}
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"--prompt-embeds {path}: expected a dict of tensors such as "
+                         f"{{'prompt_embeds': ..., 'pooled_prompt_embeds': ...}}")
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in data.items()}
+
+
+def build_pipeline(args: argparse.Namespace, device: Any, dtype: Any) -> tuple[Any, dict[str, Any], str]:
+    """``(pipeline, prompt kwargs, model name)``."""
+    from compact_hooks.integrations.diffusers_tiny import default_flux_pipeline, default_prompt_embeds
+
+    if args.model:
+        from diffusers import DiffusionPipeline
+
+        if not Path(args.model).is_dir():
+            raise FileNotFoundError(f"--model {args.model}: not a directory (a local diffusers pipeline is needed)")
+        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True).to(device)
+        name = Path(args.model).name
+        if args.prompt_embeds:
+            prompt = load_prompt_kwargs(args.prompt_embeds, device, dtype)
+        else:
+            prompt = {"prompt": args.prompt or "a photograph of a lighthouse on a cliff at sunset"}
+        return pipe, prompt, name
+    pipe = default_flux_pipeline(seed=0, dtype=dtype).to(device)
+    if args.prompt_embeds:
+        prompt = load_prompt_kwargs(args.prompt_embeds, device, dtype)
+    else:
+        prompt = {k: v.to(device) for k, v in default_prompt_embeds(pipe, seed=0).items()}
+    return pipe, prompt, "embedded-random-flux"
+
+
+# ---- one generation ----------------------------------------------------------------------------
+
+
+def _as_images(out: Any) -> Any:
+    """The pipeline output as a float ``[N, C, H, W]`` tensor in [0, 1] (video frames flattened)."""
+    import numpy as np
+    import torch
+
+    images = out.images if hasattr(out, "images") else out.frames
+    if isinstance(images, (list, tuple)):
+        images = torch.stack([torch.as_tensor(np.asarray(x)) for x in images])
+    images = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if images.dim() == 5:  # video: [B, F, C, H, W]
+        images = images.flatten(0, 1)
+    if images.dim() == 4 and images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4):
+        images = images.permute(0, 3, 1, 2)  # numpy layout [N, H, W, C]
+    if images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    return images.float().cpu()
+
+
+def generate(pipe: Any, prompt: dict[str, Any], args: argparse.Namespace, device: Any, desc: str,
+             show: bool) -> tuple[Any, list[Any], float]:
+    """Run the pipeline once: ``(images [N, C, H, W] in [0, 1], latents after each step, seconds)``."""
+    import torch
+    import torch.distributed as dist
+
+    latents: list[Any] = []
+    params = inspect.signature(pipe.__call__).parameters
+    kwargs: dict[str, Any] = {**prompt, "num_inference_steps": args.steps, "output_type": "pt",
+                              "generator": torch.Generator(device="cpu").manual_seed(args.seed)}
+    for name in ("height", "width", "guidance_scale"):
+        if getattr(args, name) is not None and name in params:
+            kwargs[name] = getattr(args, name)
+    if "callback_on_step_end" in params:
+        def on_step_end(pipe_: Any, i: int, t: Any, kw: dict[str, Any]) -> dict[str, Any]:
+            latents.append(kw["latents"].detach().float().cpu())
+            return kw
+
+        kwargs["callback_on_step_end"] = on_step_end
+    elif "callback" in params and "callback_steps" in params:  # older pipelines (PixArt)
+        kwargs["callback"] = lambda i, t, lat: latents.append(lat.detach().float().cpu())
+        kwargs["callback_steps"] = 1
+
+    pipe.set_progress_bar_config(disable=not show, desc=desc, leave=True)
+    if dist.is_initialized():
+        dist.barrier()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = pipe(**kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if dist.is_initialized():
+        dist.barrier()
+    return _as_images(out), latents, time.perf_counter() - start
+
+
+# ---- quality and stats -------------------------------------------------------------------------
+
+
+def psnr_db(x: Any, ref: Any) -> Optional[float]:
+    """PSNR of images in [0, 1]; ``None`` when they are identical (infinite PSNR, not valid JSON)."""
+    mse = float(((x - ref) ** 2).mean())
+    return None if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def rel_l2(x: Any, ref: Any) -> float:
+    import torch
+
+    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30))
+
+
+def gather_stats(stats: dict[str, Any], world: int) -> list[dict[str, Any]]:
+    """Every rank's hook stats (each counts the bytes that rank sends)."""
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized():
+        return [stats]
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, stats)
+    return every
+
+
+def layer_of(key: str) -> str:
+    return key.rsplit(":", 1)[0]
+
+
+def summarize(all_stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals, per-layer and per-step bytes summed over ranks; errors averaged."""
+    raw = sum(int(s.get("raw_bytes", 0)) for s in all_stats)
+    wire = sum(int(s.get("wire_bytes", 0)) for s in all_stats)
+    layers: dict[str, dict[str, Any]] = {}
+    for s in all_stats:
+        for key, ks in (s.get("per_key") or {}).items():
+            entry = layers.setdefault(layer_of(key), {"layer": layer_of(key), "raw_bytes": 0, "wire_bytes": 0,
+                                                      "calls": 0, "full_sends": 0, "_err": []})
+            entry["raw_bytes"] += int(ks.get("raw_bytes", 0))
+            entry["wire_bytes"] += int(ks.get("wire_bytes", 0))
+            entry["calls"] += int(ks.get("calls", 0))
+            entry["full_sends"] += int(ks.get("full_sends", 0))
+            if ks.get("rel_error") is not None:
+                entry["_err"].append(float(ks["rel_error"]))
+    per_layer = []
+    for entry in layers.values():
+        errs = entry.pop("_err")
+        entry["compression_ratio"] = entry["raw_bytes"] / entry["wire_bytes"] if entry["wire_bytes"] else None
+        entry["rel_error"] = sum(errs) / len(errs) if errs else None
+        per_layer.append(entry)
+    steps: dict[tuple[int, int], dict[str, Any]] = {}
+    for s in all_stats:
+        for st in s.get("per_step") or []:
+            k = (int(st.get("request", 0)), int(st.get("step", 0)))
+            e = steps.setdefault(k, {"request": k[0], "step": k[1], "raw_bytes": 0, "wire_bytes": 0})
+            e["raw_bytes"] += int(st.get("raw_bytes", 0))
+            e["wire_bytes"] += int(st.get("wire_bytes", 0))
+    per_step = [steps[k] for k in sorted(steps)]
+    for e in per_step:
+        e["compression_ratio"] = e["raw_bytes"] / e["wire_bytes"] if e["wire_bytes"] else None
+    return {"raw_bytes": raw, "wire_bytes": wire, "compression_ratio": raw / wire if wire else None,
+            "per_layer": per_layer, "per_step": per_step}
+
+
+def compressor_name(cfg: Any) -> str:
+    if not cfg.enabled or cfg.hook == "passthrough":
+        return "none"
+    if cfg.hook == "cast":
+        return f"cast:{cfg.cast_dtype}"
+    if cfg.hook == "stale":
+        return "stale"
+    c = cfg.compressor
+    return c if isinstance(c, str) else str(c.get("name", c))
+
+
+def save_png(image: Any, path: Path) -> None:
+    """Save a ``[C, H, W]`` image in [0, 1] as PNG."""
+    import torch
+    from PIL import Image
+
+    arr = (image.clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(arr.squeeze(-1) if arr.shape[-1] == 1 else arr).save(path)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    q = result.get("quality") or {}
+    rows = [
+        ("model", result["model"]), ("mode", f"{result['mode']} x {result['world_size']} ranks"),
+        ("compressor", result["compressor"]), ("steps", result["steps"]),
+        ("raw MB", f"{result['raw_bytes'] / 1e6:.2f}"), ("wire MB", f"{result['wire_bytes'] / 1e6:.2f}"),
+        ("compression", "-" if result["compression_ratio"] is None else f"{result['compression_ratio']:.2f}x"),
+        ("PSNR dB", "-" if q.get("psnr_db") is None else f"{q['psnr_db']:.2f}"),
+        ("rel L2", "-" if q.get("rel_l2") is None else f"{q['rel_l2']:.2e}"),
+        ("latency s", f"{result['latency_s']:.2f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("-" * (width + 24))
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print("-" * (width + 24))
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+    from compact_hooks.integrations.diffusers import parallelize
+
+    import compact_hooks as ch
+
+    cfg = ch.load_config(args.config)
+    rank, world, local_rank, owned = init_distributed()
+    try:
+        device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}") if torch.cuda.is_available() \
+            else torch.device("cpu")
+        dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (
+            torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if not args.model:
+            for name, value in EMBEDDED_DEFAULTS.items():
+                if getattr(args, name) is None:
+                    setattr(args, name, value)
+        pipe, prompt, model_name = build_pipeline(args, device, dtype)
+        if args.steps is None:
+            default = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+            args.steps = default.default if default is not None and isinstance(default.default, int) else 28
+        group = dist.group.WORLD if dist.is_initialized() else None
+        show = rank == 0
+
+        reference = ref_latents = None
+        ref_seconds = None
+        if not args.no_reference:
+            with parallelize(pipe, group, mode=args.mode, hook=ch.PassthroughHook()):
+                reference, ref_latents, ref_seconds = generate(pipe, prompt, args, device, "reference", show)
+
+        hook = ch.build_hook(cfg)
+        with parallelize(pipe, group, mode=args.mode, hook=hook):
+            images, latents, seconds = generate(pipe, prompt, args, device, compressor_name(cfg), show)
+        summary = summarize(gather_stats(hook.stats(), world))
+
+        if rank == 0:
+            quality: dict[str, Any] = {"psnr_db": None, "rel_l2": None}
+            per_step_error: list[Optional[float]] = [None] * len(latents)
+            if reference is not None:
+                quality = {"psnr_db": psnr_db(images, reference), "rel_l2": rel_l2(images, reference),
+                           "identical": bool(torch.equal(images, reference)),
+                           "latent_rel_l2": rel_l2(latents[-1], ref_latents[-1]) if latents else None}
+                per_step_error = [rel_l2(a, b) for a, b in zip(latents, ref_latents)]
+            per_step = summary["per_step"]  # one request: entry i is step i
+            for i, entry in enumerate(per_step):
+                entry["latent_rel_l2"] = per_step_error[i] if i < len(per_step_error) else None
+            result = {
+                "model": model_name, "mode": args.mode, "world_size": world, "compressor": compressor_name(cfg),
+                "hook": cfg.hook if cfg.enabled else "passthrough", "steps": args.steps,
+                "height": int(images.shape[-2]), "width": int(images.shape[-1]), "seed": args.seed,
+                "dtype": str(dtype).split(".")[-1],
+                "device": device.type, "raw_bytes": summary["raw_bytes"], "wire_bytes": summary["wire_bytes"],
+                "compression_ratio": summary["compression_ratio"], "latency_s": seconds,
+                "reference_latency_s": ref_seconds, "quality": quality,
+                "per_layer": summary["per_layer"], "per_step": per_step,
+                "config": cfg.model_dump(mode="json"),
+            }
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            for i, img in enumerate(images):
+                save_png(img, out / ("image.png" if len(images) == 1 else f"image_{i:03d}.png"))
+            if reference is not None:
+                for i, img in enumerate(reference):
+                    save_png(img, out / ("reference.png" if len(reference) == 1 else f"reference_{i:03d}.png"))
+            (out / "stats.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+            print_table(result)
+            print(f"wrote {out / 'stats.json'} and {len(images)} image(s) to {out}/")
+    finally:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _cli(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m compact_hooks.launcher.run_job")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "run":
+        argv = ["run", *argv]
+    args = parser.parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())
