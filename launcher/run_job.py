@@ -19,6 +19,7 @@ import inspect
 import json
 import math
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -322,7 +323,8 @@ def main(args: argparse.Namespace) -> int:
         hook = ch.build_hook(cfg)
         with parallelize(pipe, group, mode=args.mode, hook=hook):
             images, latents, seconds = generate(pipe, prompt, args, device, compressor_name(cfg), show)
-        summary = summarize(gather_stats(hook.stats(), world))
+        every = gather_stats({**hook.stats(), "hostname": socket.gethostname()}, world)
+        summary = summarize(every)
 
         if rank == 0:
             quality: dict[str, Any] = {"psnr_db": None, "rel_l2": None}
@@ -337,6 +339,7 @@ def main(args: argparse.Namespace) -> int:
                 entry["latent_rel_l2"] = per_step_error[i] if i < len(per_step_error) else None
             result = {
                 "model": model_name, "mode": args.mode, "world_size": world, "compressor": compressor_name(cfg),
+                "hostnames": [s["hostname"] for s in every],
                 "hook": cfg.hook if cfg.enabled else "passthrough", "steps": args.steps,
                 "height": int(images.shape[-2]), "width": int(images.shape[-1]), "seed": args.seed,
                 "dtype": str(dtype).split(".")[-1],
