@@ -118,7 +118,7 @@ def bench_codecs(shape: tuple[int, ...], dtype: torch.dtype, specs: list[Any], r
             "x_floor": (encode_ms + decode_ms) / floor_ms,
         })
     return {"memcpy_gbps": gbps, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-            "device": str(dev), "codecs": rows}
+            "device": str(dev), "threads": torch.get_num_threads(), "codecs": rows}
 
 
 def bench_drift(spec: Any, steps: int, shape: tuple[int, ...], dtype: torch.dtype, device: str = "cpu") -> dict[str, Any]:
@@ -148,7 +148,7 @@ def _spec(text: str) -> Any:
 
 
 def _print_codecs(result: dict[str, Any]) -> None:
-    print(f"shape {result['shape']} {result['dtype']} on {result['device']}; "
+    print(f"shape {result['shape']} {result['dtype']} on {result['device']} ({result['threads']} threads); "
           f"memcpy {result['memcpy_gbps']:.1f} GB/s")
     print(f"{'codec':<10} {'ratio':>8} {'rel_err':>9} {'enc ms':>8} {'dec ms':>8} {'floor ms':>9} {'x floor':>8}")
     for r in result["codecs"]:
@@ -165,6 +165,8 @@ def _print_drift(result: dict[str, Any]) -> None:
 
 
 def main_codecs(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     specs = [_spec(s) for s in args.compressor] if args.compressor else DEFAULT_CODECS
     result = bench_codecs(args.shape, args.dtype, specs, args.repeats, device=args.device)
     print(json.dumps(result, indent=2)) if args.json else _print_codecs(result)
@@ -187,6 +189,7 @@ def add_parser(sub: argparse._SubParsersAction, extra: Optional[Callable[[argpar
     codecs.add_argument("--compressor", action="append", help="a name or JSON spec (repeatable); default: all")
     codecs.add_argument("--repeats", type=int, default=10)
     codecs.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    codecs.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     codecs.add_argument("--json", action="store_true")
     codecs.set_defaults(handler=main_codecs)
 
