@@ -52,9 +52,8 @@ class Channel:
     # -- shared ----------------------------------------------------------------------------------
     def _store(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         dtype = self.base_dtype or like.dtype
-        if dtype == torch.float16 and t.dtype != torch.float16:
-            t = t.clamp(-FP16_MAX, FP16_MAX)  # a base never overflows to inf
-        return t.to(dtype)
+        limit = min(torch.finfo(dtype).max, torch.finfo(t.dtype).max)
+        return t.clamp(-limit, limit).to(dtype)  # a base never overflows to inf (float32 sums can, too)
 
     def _predict(self) -> torch.Tensor:
         assert self.base is not None
@@ -83,7 +82,7 @@ class Channel:
         if self.mode == "ef2":
             self.velocity = self._store(stored.float() - self.base.float(), torch.empty((), dtype=dtype))
         self.base = stored
-        return stored.to(dtype)
+        return _fit(stored, dtype)
 
     # -- sender ----------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,9 +160,25 @@ class Channel:
 
 
 def _clean(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t`` with non-finite values zeroed, and a 0-dim bool tensor: did it have any? (no host sync)"""
-    flag = ~torch.isfinite(t.sum(dtype=torch.float32))
+    """``t`` with non-finite values zeroed, and a 0-dim bool tensor: did it have any? (no host sync)
+
+    The test is on the extremes (``amax``/``amin`` propagate NaN), not on a sum: a sum of large
+    finite values overflows and would flag a finite tensor.
+    """
+    if t.numel() == 0:
+        return t, torch.zeros((), dtype=torch.bool, device=t.device)
+    flag = ~(torch.isfinite(t.amax()) & torch.isfinite(t.amin()))
     return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), flag
+
+
+def _fit(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as ``dtype``, clamped to its finite range when that is narrower (a float32 base
+    feeding float16 activations never turns into inf)."""
+    if t.dtype == dtype:
+        return t
+    if torch.finfo(dtype).max < torch.finfo(t.dtype).max:
+        t = t.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
+    return t.to(dtype)
 
 
 def _poison_if(t: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
@@ -225,7 +240,11 @@ class Session:
     def settings(self) -> dict[str, Any]:
         """What every rank of a group must agree on."""
         return {"compressor": self.compressor.spec(), "residual": self.mode, "warmup_steps": self.warmup_steps,
-                "base_dtype": str(self.base_dtype) if self.base_dtype else "input"}
+                "base_dtype": str(self.base_dtype) if self.base_dtype else "input",
+                # both add collectives (base checksums, exact references): a mismatch would pair
+                # unrelated collectives across ranks
+                "verify_every": self.verify_every,
+                "error_every": self.stats.error_every if self.stats.enabled else 0}
 
     # -- request and step ------------------------------------------------------------------------
     def begin_request(self) -> None:
