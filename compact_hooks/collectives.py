@@ -128,14 +128,19 @@ def all_to_all(tensor: torch.Tensor, group: Group) -> torch.Tensor:
     size = group_size(group)
     if size == 1:
         return tensor
-    if tensor.shape[0] % size:
-        raise ValueError(
-            f"all_to_all splits dim 0 into {size} equal chunks, but it has {tensor.shape[0]} rows; "
-            f"pad or choose a size divisible by the group size"
-        )
+    _check_rows(tensor, size)
     out = torch.empty_like(tensor)
     dist.all_to_all_single(out, tensor.contiguous(), group=group)
     return out
+
+
+def _check_rows(tensor: torch.Tensor, size: int) -> None:
+    if tensor.dim() == 0 or tensor.shape[0] % size:
+        rows = tensor.shape[0] if tensor.dim() else 0
+        raise ValueError(
+            f"all_to_all splits dim 0 into {size} equal chunks, but it has {rows} rows; "
+            "pad or choose a size divisible by the group size"
+        )
 
 
 def all_to_all_bytes(payloads: torch.Tensor, group: Group, timeout_s: Optional[float] = None,
@@ -214,21 +219,14 @@ def compressed_all_gather(x: torch.Tensor, group: Group, session: Session, key: 
 
 
 def _exchange_chunks(chunks: list[torch.Tensor], group: Group, session: Session, key: str,
-                     full: bool) -> tuple[list[torch.Tensor], int, list[torch.Tensor]]:
+                     full: bool) -> tuple[list[torch.Tensor], int]:
     """Send ``chunks[j]`` to rank ``j`` as compressed residuals; return the received chunks
-    (own chunk exact), the payload size, and the sender-side reconstructions."""
+    (own chunk exact) and the payload size."""
     size = group_size(group)
     rank = group_rank(group)
     me = global_rank(group, rank)
-    payloads, recons = [], []
-    for j, chunk in enumerate(chunks):
-        if j == rank:
-            payloads.append(None)
-            recons.append(chunk)
-            continue
-        p, r = session.channel(key, me, global_rank(group, j)).encode(chunk, full)
-        payloads.append(p)
-        recons.append(r)
+    payloads = [None if j == rank else session.channel(key, me, global_rank(group, j)).encode(chunk, full)[0]
+                for j, chunk in enumerate(chunks)]
     nbytes = next(p.numel() for p in payloads if p is not None)
     own = payloads[(rank + 1) % size].new_zeros(nbytes)
     send = torch.stack([own if p is None else p for p in payloads])
@@ -240,7 +238,7 @@ def _exchange_chunks(chunks: list[torch.Tensor], group: Group, session: Session,
     out = [chunks[j] if j == rank else
            session.channel(key, global_rank(group, j), me).decode(recv[j], shape, dtype, full)
            for j in range(size)]
-    return out, nbytes, recons
+    return out, nbytes
 
 
 def compressed_all_to_all(x: torch.Tensor, group: Group, session: Session, key: str) -> torch.Tensor:
@@ -248,14 +246,10 @@ def compressed_all_to_all(x: torch.Tensor, group: Group, session: Session, key: 
     size = group_size(group)
     if size == 1:
         return x
-    if x.shape[0] % size:
-        raise ValueError(
-            f"all_to_all splits dim 0 into {size} equal chunks, but it has {x.shape[0]} rows; "
-            "pad or choose a size divisible by the group size"
-        )
+    _check_rows(x, size)
     chunks = list(x.chunk(size, dim=0))
     full = session.prepare(key, tuple(chunks[0].shape), x.dtype)
-    out, nbytes, _ = _exchange_chunks(chunks, group, session, key, full)
+    out, nbytes = _exchange_chunks(chunks, group, session, key, full)
     chunk_bytes = chunks[0].numel() * x.element_size()
     ks = _record(session, key, "all_to_all", (size - 1) * chunk_bytes, (size - 1) * nbytes, full)
     if session.stats.wants_error(ks):
@@ -279,7 +273,7 @@ def compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: 
     chunks = list(rows.chunk(size, dim=0))
     key_rs, key_ag = f"{key}:reduce_scatter", f"{key}:all_gather"
     full = session.prepare(key_rs, tuple(chunks[0].shape), x.dtype)
-    received, nbytes_rs, _ = _exchange_chunks(chunks, group, session, key_rs, full)
+    received, nbytes_rs = _exchange_chunks(chunks, group, session, key_rs, full)
     reduced = received[0].float()
     for part in received[1:]:
         reduced = reduced + part.float()
@@ -320,7 +314,8 @@ def compressed_ring_exchange(x: torch.Tensor, group: Group, session: Session, ke
     for work in works:
         wait(work, session.timeout_s, f"ring_exchange of {key!r}")
     _check_first(session, key, recv.unsqueeze(0), full, group)
-    out = session.channel(key, prv, me).decode(recv, tuple(x.shape), x.dtype, full)
+    # a copy: the caller may change the result in place, the channel's base must not change with it
+    out = session.channel(key, prv, me).decode(recv, tuple(x.shape), x.dtype, full).clone()
     ks = _record(session, key, "ring_exchange", x.numel() * x.element_size(), payload.numel(), full)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, out, ring_exchange(x, group))

@@ -50,10 +50,13 @@ class Channel:
     nonfinite: Optional[torch.Tensor] = None  # device counter, read by stats
 
     # -- shared ----------------------------------------------------------------------------------
-    def _store(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _store(self, t: torch.Tensor, like: torch.Tensor, owned: bool = True) -> torch.Tensor:
+        """``t`` in the base dtype, saturated to its finite range (a base never overflows to inf);
+        ``owned``: ``t`` is a temporary that may be reused."""
         dtype = self.base_dtype or like.dtype
-        limit = min(torch.finfo(dtype).max, torch.finfo(t.dtype).max)
-        return t.clamp(-limit, limit).to(dtype)  # a base never overflows to inf (float32 sums can, too)
+        if t.dtype == dtype and not owned:
+            t = t.clone()
+        return _saturate_(t.to(dtype))
 
     def _predict(self) -> torch.Tensor:
         assert self.base is not None
@@ -63,11 +66,11 @@ class Channel:
         return pred
 
     def _set_full(self, x: torch.Tensor) -> None:
-        clean, flag = _clean(x)
+        clean, flag = _clean(x, owned=False)
         self._count(flag)
         if self.mode == "none":
             return
-        self.base = self._store(clean, x)
+        self.base = self._store(clean, x, owned=clean is not x)
         self.velocity = None
         self.codec_state.clear()
 
@@ -99,7 +102,7 @@ class Channel:
                 self.previous_x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
             return payload, x
         if self.mode == "none":
-            clean, flag = _clean(x)
+            clean, flag = _clean(x, owned=False)
             payload = self.compressor.encode(clean, self.codec_state)
             recon = self.compressor.decode(payload, x.shape, x.dtype)
         else:
@@ -108,7 +111,7 @@ class Channel:
                 self.previous_x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
             else:
                 residual = x.float() - self._predict()
-            clean, flag = _clean(residual)
+            clean, flag = _clean(residual, owned=True)
             payload = self.compressor.encode(clean, self.codec_state)
             recon = self._update(self.compressor.decode(payload, clean.shape, clean.dtype), x.dtype)
         payload[FLAGS_BYTE] = flag.to(torch.uint8)
@@ -159,26 +162,35 @@ class Channel:
             self.base = self.base + scale * torch.ones_like(self.base)
 
 
-def _clean(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t`` with non-finite values zeroed, and a 0-dim bool tensor: did it have any? (no host sync)
-
-    The test is on the extremes (``amax``/``amin`` propagate NaN), not on a sum: a sum of large
-    finite values overflows and would flag a finite tensor.
-    """
+def _clean(t: torch.Tensor, owned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` with non-finite values zeroed, and a 0-dim bool tensor: did it have any? (no host sync
+    on accelerators). The exact test is on the extremes (``amax``/``amin`` propagate NaN; a sum of
+    large finite values could overflow); on the CPU, where a host read is free, one fast sum proves
+    most tensors clean first. ``owned``: ``t`` is a temporary that may be zeroed in place."""
     if t.numel() == 0:
         return t, torch.zeros((), dtype=torch.bool, device=t.device)
+    if t.device.type == "cpu" and bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return t, torch.zeros((), dtype=torch.bool)
     flag = ~(torch.isfinite(t.amax()) & torch.isfinite(t.amin()))
+    if t.device.type == "cpu" and not bool(flag):
+        return t, flag
+    if owned:
+        return t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), flag
     return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), flag
 
 
+def _saturate_(t: torch.Tensor) -> torch.Tensor:
+    """In place: infinities (a cast or a sum beyond the dtype's range) become its largest finite value."""
+    limit = torch.finfo(t.dtype).max
+    return t.nan_to_num_(nan=0.0, posinf=limit, neginf=-limit)
+
+
 def _fit(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` as ``dtype``, clamped to its finite range when that is narrower (a float32 base
+    """``t`` as ``dtype``, saturated to its finite range when that is narrower (a float32 base
     feeding float16 activations never turns into inf)."""
     if t.dtype == dtype:
         return t
-    if torch.finfo(dtype).max < torch.finfo(t.dtype).max:
-        t = t.clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max)
-    return t.to(dtype)
+    return _saturate_(t.to(dtype))
 
 
 def _poison_if(t: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:

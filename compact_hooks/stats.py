@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
 import torch
+
+MAX_STEPS = 10_000  # per-step rows kept in Stats.per_step (the most recent)
+MAX_WARNINGS = 1_000  # warning lines kept in Stats.warnings (the most recent)
 
 
 @dataclass
@@ -37,12 +41,13 @@ class Stats:
     enabled: bool = True
     error_every: int = 0
     per_key: dict[str, KeyStats] = field(default_factory=dict)
-    per_step: list[dict[str, Any]] = field(default_factory=list)
+    # the most recent steps only: a long-running server must not grow without bound
+    per_step: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_STEPS))
     step_raw: int = 0
     step_wire: int = 0
     resyncs: int = 0
     nonfinite: int = 0  # payloads with NaN/Inf this rank sent or received, of dropped channels
-    warnings: list[str] = field(default_factory=list)
+    warnings: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_WARNINGS))
 
     def key(self, key: str, op: str) -> KeyStats:
         ks = self.per_key.get(key)

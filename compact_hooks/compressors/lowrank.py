@@ -11,6 +11,8 @@ from ..wire import from_bytes, pack_bits, packed_nbytes, unpack_bits
 from .base import Compressor, numel_of
 from .quantize import FP16_MAX, Grid, aligned, grid_codes, grid_decode_into, grid_scales, matrix_dims, signed_extreme
 
+MAX_RANK = 4096  # beyond this a low-rank payload is no longer small
+MAX_ITERS = 64  # more subspace iterations stop improving the basis and only cost time
 FACTOR_BITS = (16, 8, 4)
 SEED = 0x5EED
 
@@ -42,10 +44,10 @@ class LowRankCompressor(Compressor):
     """
 
     def __init__(self, rank: int = 32, iters: int = 2, factor_bits: int = 16, warm_start: bool = False) -> None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive integer; got {rank!r}")
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-            raise ValueError(f"iters (subspace iterations) must be an integer >= 0; got {iters!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_RANK:
+            raise ValueError(f"rank must be an integer in 1..{MAX_RANK}; got {rank!r}")
+        if isinstance(iters, bool) or not isinstance(iters, int) or not 0 <= iters <= MAX_ITERS:
+            raise ValueError(f"iters (subspace iterations) must be an integer in 0..{MAX_ITERS}; got {iters!r}")
         if isinstance(factor_bits, bool) or factor_bits not in FACTOR_BITS:
             raise ValueError(f"factor_bits must be one of {FACTOR_BITS}; got {factor_bits!r}")
         if not isinstance(warm_start, bool):
