@@ -24,13 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in SUBCOMMANDS.values():
-        try:
-            module = importlib.import_module(f"compact_hooks.launcher.{module_name}")
-        except ModuleNotFoundError as exc:  # TEMP while subcommands are being written
-            if exc.name != f"compact_hooks.launcher.{module_name}":
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(f"compact_hooks.launcher.{module_name}").add_parser(sub)
     return parser
 
 
