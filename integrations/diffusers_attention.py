@@ -143,18 +143,22 @@ def _ulysses(q, k, v, comm: AttentionComm, key: str, layout: SequenceLayout) -> 
     B, S, H, D = q.shape
     check_heads(H, P, key)
 
+    def exchange(send: torch.Tensor, name: str) -> torch.Tensor:
+        # The hook sees [P, B, S, H/P * D] (a view): a codec's channel dim spans this rank's heads, so
+        # a low-rank codec factors [tokens, H/P * D], not one [tokens * heads, D] matrix per head.
+        merged = comm.hook(CollectiveCall("all_to_all", send.flatten(3, 4), comm.group, key=f"{key}:{name}"))
+        return merged.view(send.shape)
+
     def to_heads(x: torch.Tensor, name: str) -> torch.Tensor:
         # [B, S, H, D] -> [P, B, S, H/P, D]: chunk j (heads of rank j) goes to rank j.
-        send = x.unflatten(2, (P, H // P)).permute(2, 0, 1, 3, 4).contiguous()
-        recv = comm.hook(CollectiveCall("all_to_all", send, comm.group, key=f"{key}:{name}"))
+        recv = exchange(x.unflatten(2, (P, H // P)).permute(2, 0, 1, 3, 4).contiguous(), name)
         # chunk j: rank j's tokens, my heads -> [B, P*S, H/P, D] in rank order
         return recv.permute(1, 0, 2, 3, 4).flatten(1, 2)
 
     qh, kh, vh = to_heads(q, "q"), to_heads(k, "k"), to_heads(v, "v")
     out = local_attention(qh, kh, vh, layout.global_valid(P, q.device))
     # [B, P*S, H/P, D] -> [P, B, S, H/P, D]: rank j's tokens go back to rank j.
-    send = out.unflatten(1, (P, S)).permute(1, 0, 2, 3, 4).contiguous()
-    recv = comm.hook(CollectiveCall("all_to_all", send, comm.group, key=f"{key}:o"))
+    recv = exchange(out.unflatten(1, (P, S)).permute(1, 0, 2, 3, 4).contiguous(), "o")
     # chunk j: my tokens, heads of rank j -> [B, S, H, D]
     return recv.permute(1, 2, 0, 3, 4).flatten(2, 3)
 

@@ -10,7 +10,6 @@ JSON shapes (see docs/benchmarks.md)::
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -205,10 +204,6 @@ def add_parser(sub: argparse._SubParsersAction, extra: Optional[Callable[[argpar
     from compact_hooks.launcher import bench_scaling
 
     bench_scaling.add_parser(kinds)
-    try:
-        bench_e2e = importlib.import_module("compact_hooks.launcher.bench_e2e")
-    except ModuleNotFoundError as exc:  # TEMP while bench_e2e is being written
-        if exc.name != "compact_hooks.launcher.bench_e2e":
-            raise
-        return
+    from compact_hooks.launcher import bench_e2e
+
     bench_e2e.add_parser(kinds)

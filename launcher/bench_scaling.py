@@ -36,9 +36,10 @@ def _shard(tokens: int, world: int) -> int:
 
 
 def _worker(rank: int, world: int, cases: list[dict[str, int]], compressor: Any, steps: int) -> list[dict[str, Any]]:
-    import compact_hooks as ch
     from compact_hooks.integrations.diffusers import parallelize
     from compact_hooks.integrations.diffusers_tiny import tiny_flux, tiny_inputs
+
+    import compact_hooks as ch
 
     rows = []
     for case in cases:

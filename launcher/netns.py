@@ -76,6 +76,7 @@ class Hosts:
     agent: Path
     workdir: Path
     rate: Optional[str]
+    burst: Optional[int] = None  # tbf bucket bytes when rate is set
 
     def __len__(self) -> int:
         return len(self.names)
@@ -195,16 +196,41 @@ def clean_stale() -> list[str]:
     return removed
 
 
-def _cap(ns: str, dev: str, rate: str) -> None:
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_RATE_UNITS = {"": 1, "bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12,
+               "kibit": 2**10, "mibit": 2**20, "gibit": 2**30, "tibit": 2**40,
+               "bps": 8, "kbps": 8e3, "mbps": 8e6, "gbps": 8e9, "tbps": 8e12}  # tc: "bps" is bytes/s
+MIN_BURST = 16 * 1024
+
+
+def parse_rate(text: str) -> float:
+    """Bits per second of a ``tc`` rate such as ``20mbit`` or ``1gbit`` (``bps`` units are bytes)."""
+    match = _RATE_RE.match(text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _RATE_UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"--rate {text!r} is not a tc rate: use a positive number with a unit of "
+                         f"{', '.join(u for u in _RATE_UNITS if u)} (e.g. 20mbit, 1gbit)")
+    return float(match.group(1)) * _RATE_UNITS[unit]
+
+
+def auto_burst(rate: str) -> int:
+    """A tbf bucket of 2 ms at ``rate``, at least 16 KiB: small next to a message, so a payload is not
+    sent at line rate out of saved-up tokens (a 256 KB bucket lets a 60 KB payload skip the cap)."""
+    return max(MIN_BURST, int(parse_rate(rate) / 8 * 0.002))
+
+
+def _cap(ns: str, dev: str, rate: str, burst: int) -> None:
     _ip("netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-        "rate", rate, "burst", "256kb", "latency", "50ms")
+        "rate", rate, "burst", str(burst), "latency", "50ms")
 
 
 @contextlib.contextmanager
-def emulated_hosts(n: int, rate: Optional[str] = None) -> Iterator[Hosts]:
-    """Create ``n`` emulated hosts (see the module docstring); ``rate`` like ``"1gbit"`` caps each link."""
+def emulated_hosts(n: int, rate: Optional[str] = None, burst: Optional[int] = None) -> Iterator[Hosts]:
+    """Create ``n`` emulated hosts (see the module docstring); ``rate`` like ``"1gbit"`` caps each link
+    with a tbf bucket of ``burst`` bytes (default :func:`auto_burst`)."""
     if not 1 <= n <= 200:
         raise ValueError(f"n must be in 1..200; got {n}")
+    bucket = (burst or auto_burst(rate)) if rate else 0
     check_available()
     clean_stale()
     tag = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -228,8 +254,8 @@ def emulated_hosts(n: int, rate: Optional[str] = None) -> Iterator[Hosts]:
             _ip("-n", ns, "link", "set", IFNAME, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
             if rate:
-                _cap(ns, IFNAME, rate)  # host -> switch
-                _cap(switch, port, rate)  # switch -> host
+                _cap(ns, IFNAME, rate, bucket)  # host -> switch
+                _cap(switch, port, rate, bucket)  # switch -> host
             etc = NETNS_ETC / ns
             etc.mkdir(parents=True, exist_ok=True)
             lines = ["127.0.0.1 localhost"] + [f"{a} {h}" for a, h in zip(addresses, names)]
@@ -239,7 +265,7 @@ def emulated_hosts(n: int, rate: Optional[str] = None) -> Iterator[Hosts]:
         agent.chmod(0o755)
         hostfile = workdir / "hostfile"
         hostfile.write_text("".join(f"{h} slots=1\n" for h in names))
-        yield Hosts(names, addresses, IFNAME, hostfile, agent, workdir, rate)
+        yield Hosts(names, addresses, IFNAME, hostfile, agent, workdir, rate, bucket if rate else None)
     finally:
         for ns in reversed(created):
             _delete_namespace(ns)

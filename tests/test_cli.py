@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from compact_hooks.launcher.cli import main
 
 

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+from compact_hooks.launcher import netns
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from compact_hooks.launcher import netns
 
 Hosts, NetnsUnavailable, emulated_hosts = netns.Hosts, netns.NetnsUnavailable, netns.emulated_hosts
 
