@@ -22,6 +22,16 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1))
 
 
+def _qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``attn``'s q, k, v of ``x`` as ``[B, S, H, D]``, with its q/k norms applied."""
+    q, k, v = (_heads(f(x), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
 def _no_mask(attention_mask: Optional[torch.Tensor], where: str) -> None:
     if attention_mask is not None:
         raise NotImplementedError(
@@ -98,11 +108,7 @@ class JointParallelProcessor(ParallelProcessor):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         _no_mask(attention_mask, self.key)
         heads = attn.heads
-        q, k, v = (_heads(f(hidden_states), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _qkv(attn, hidden_states)
         if encoder_hidden_states is not None:
             enc = encoder_hidden_states
             eq, ek, ev = (_heads(f(enc), heads) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
@@ -135,12 +141,7 @@ class SelfParallelProcessor(ParallelProcessor):
         if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
             raise NotImplementedError(f"{self.key}: only token-sequence self-attention ([B, S, C]) is supported")
         residual = hidden_states
-        heads = attn.heads
-        q, k, v = (_heads(f(hidden_states), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _qkv(attn, hidden_states)
         out = self.attend(q, k, v, ("image",)).flatten(2, 3).to(q.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -155,12 +156,7 @@ class CogVideoXParallelProcessor(ParallelProcessor):
         _no_mask(attention_mask, self.key)
         text = encoder_hidden_states.shape[1]
         x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        heads = attn.heads
-        q, k, v = (_heads(f(x), heads) for f in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _qkv(attn, x)
         if image_rotary_emb is not None:
             q = torch.cat([q[:, :text], apply_rotary_emb(q[:, text:], image_rotary_emb, sequence_dim=1)], dim=1)
             if not attn.is_cross_attention:

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 REQUIRED = ("per_layer", "per_step")
 
@@ -117,16 +117,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cli(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m compact_hooks.launcher.report")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "report":
-        argv = ["report", *argv]
-    args = parser.parse_args(argv)
-    return int(args.handler(args) or 0)
-
-
 if __name__ == "__main__":
-    sys.exit(_cli())
+    from compact_hooks.launcher.cli import run_one
+
+    sys.exit(run_one("report", add_parser))

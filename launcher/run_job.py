@@ -365,16 +365,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cli(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m compact_hooks.launcher.run_job")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "run":
-        argv = ["run", *argv]
-    args = parser.parse_args(argv)
-    return int(args.handler(args) or 0)
-
-
 if __name__ == "__main__":
-    sys.exit(_cli())
+    from compact_hooks.launcher.cli import run_one
+
+    sys.exit(run_one("run", add_parser))
