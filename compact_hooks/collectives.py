@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .errors import CollectiveTimeoutError, ProtocolError
 from .residual import Session
-from .wire import WIRE_VERSION, parse_header
+from .wire import HEADER_NBYTES, WIRE_VERSION, parse_header
 
 Group = Optional[dist.ProcessGroup]
 
@@ -157,9 +157,13 @@ def all_reduce(tensor: torch.Tensor, group: Group) -> torch.Tensor:
     """Elementwise sum over the group (out of place)."""
     if group_size(group) == 1:
         return tensor
-    out = tensor.clone()
-    dist.all_reduce(out, group=group)
-    return out
+    return all_reduce_(tensor.clone(), group)
+
+
+def all_reduce_(tensor: torch.Tensor, group: Group) -> torch.Tensor:
+    """Elementwise sum over the group, in place (for a buffer the caller owns)."""
+    dist.all_reduce(tensor, group=group)
+    return tensor
 
 
 def ring_exchange(tensor: torch.Tensor, group: Group) -> torch.Tensor:
@@ -274,9 +278,9 @@ def compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: 
     key_rs, key_ag = f"{key}:reduce_scatter", f"{key}:all_gather"
     full = session.prepare(key_rs, tuple(chunks[0].shape), x.dtype)
     received, nbytes_rs = _exchange_chunks(chunks, group, session, key_rs, full)
-    reduced = received[0].float()
-    for part in received[1:]:
-        reduced = reduced + part.float()
+    reduced = received[0].float() + received[1].float()  # a new buffer: the rest adds in place
+    for part in received[2:]:
+        reduced.add_(part)
     reduced = reduced.to(x.dtype)
     full_ag = session.prepare(key_ag, tuple(reduced.shape), x.dtype)
     me = global_rank(group, rank)
@@ -358,7 +362,8 @@ def maybe_verify(session: Session, key: str, group: Group) -> None:
 
 def verify_headers(payloads: torch.Tensor, session: Session, key: str, group: Group, skip_rank: Optional[int] = None) -> None:
     """Check magic, version and compressor fingerprint of received payloads (``[n, nbytes]``)."""
-    for row in payloads.reshape(payloads.shape[0], -1):
+    headers = payloads.reshape(payloads.shape[0], -1)[:, :HEADER_NBYTES].cpu()  # one host copy for all rows
+    for row in headers:
         header = parse_header(row)
         if header.version != WIRE_VERSION or header.fingerprint != session.compressor.fingerprint:
             raise ProtocolError(

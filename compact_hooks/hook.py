@@ -105,8 +105,10 @@ class CastHook(CommHook):
         x = call.tensor
         if not x.is_floating_point() or x.dtype == self.dtype:
             return plain_collective(call)
-        cast = CollectiveCall(call.op, x.to(self.dtype), call.group, call.key, call.dim)
-        return plain_collective(cast).to(x.dtype)
+        wire = x.to(self.dtype)
+        if call.op == "all_reduce":  # the cast is already a private buffer: reduce it in place
+            return C.all_reduce_(wire, call.group).to(x.dtype) if C.group_size(call.group) > 1 else x
+        return plain_collective(CollectiveCall(call.op, wire, call.group, call.key, call.dim)).to(x.dtype)
 
 
 class CompactHook(CommHook):
@@ -151,13 +153,12 @@ class CompactHook(CommHook):
 
     def _summable_all_reduce(self, call: CollectiveCall, key: str) -> torch.Tensor:
         """Lossless casts are summed by ``all_reduce`` in the wire dtype."""
-        wire_dtype = getattr(self.session.compressor, "wire_dtype", call.tensor.dtype)
-        size = C.group_size(call.group)
         x = call.tensor
-        self.session.stats.record(key, "all_reduce", 2 * (size - 1) * x.numel() * x.element_size() // size,
-                                  2 * (size - 1) * x.numel() * torch.empty((), dtype=wire_dtype).element_size() // size,
-                                  False)
-        return C.all_reduce(x.to(wire_dtype), call.group).to(x.dtype)
+        wire = x.to(getattr(self.session.compressor, "wire_dtype", x.dtype), copy=True)
+        size = C.group_size(call.group)
+        self.session.stats.record(key, "all_reduce", C.plain_bytes("all_reduce", x.numel() * x.element_size(), size),
+                                  C.plain_bytes("all_reduce", wire.numel() * wire.element_size(), size), False)
+        return C.all_reduce_(wire, call.group).to(x.dtype)
 
     def begin_request(self) -> None:
         self.session.begin_request()

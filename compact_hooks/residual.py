@@ -50,10 +50,10 @@ class Channel:
     nonfinite: Optional[torch.Tensor] = None  # device counter, read by stats
 
     # -- shared ----------------------------------------------------------------------------------
-    def _store(self, t: torch.Tensor, like: torch.Tensor, owned: bool = True) -> torch.Tensor:
-        """``t`` in the base dtype, saturated to its finite range (a base never overflows to inf);
-        ``owned``: ``t`` is a temporary that may be reused."""
-        dtype = self.base_dtype or like.dtype
+    def _store(self, t: torch.Tensor, input_dtype: torch.dtype, owned: bool = True) -> torch.Tensor:
+        """``t`` in the base dtype (``input_dtype`` when it is "input"), saturated to its finite range
+        (a base never overflows to inf); ``owned``: ``t`` is a temporary that may be reused."""
+        dtype = self.base_dtype or input_dtype
         if t.dtype == dtype and not owned:
             t = t.clone()
         return _saturate_(t.to(dtype))
@@ -70,7 +70,7 @@ class Channel:
         self._count(flag)
         if self.mode == "none":
             return
-        self.base = self._store(clean, x, owned=clean is not x)
+        self.base = self._store(clean, x.dtype, owned=clean is not x)
         self.velocity = None
         self.codec_state.clear()
 
@@ -81,9 +81,9 @@ class Channel:
     def _update(self, decoded: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Apply a decoded residual to the base; return the reconstruction in ``dtype``."""
         pred = self._predict()
-        stored = self._store(pred + decoded.float(), torch.empty((), dtype=dtype))
+        stored = self._store(pred + decoded.float(), dtype)
         if self.mode == "ef2":
-            self.velocity = self._store(stored.float() - self.base.float(), torch.empty((), dtype=dtype))
+            self.velocity = self._store(stored.float() - self.base.float(), dtype)
         self.base = stored
         return _fit(stored, dtype)
 
@@ -333,13 +333,10 @@ class Session:
             self.keys[key].resync = True
             self.stats.resyncs += 1
 
-    def full_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        return raw_nbytes(int(torch.Size(shape).numel()), dtype)
-
     def payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype, full: bool) -> int:
         """Bytes of one payload of a stream of ``shape``/``dtype``."""
         if full:
-            return self.full_nbytes(shape, dtype)
+            return raw_nbytes(int(torch.Size(shape).numel()), dtype)
         if self.mode != "none" and not self.is_lossless(dtype):
             return self.compressor.payload_nbytes(shape, torch.float32)
         return self.compressor.payload_nbytes(shape, dtype)

@@ -366,13 +366,18 @@ def _plan_deepspeed(args: argparse.Namespace, cmd: _Command, ctx: Context) -> Pl
             argv += ["--master_port", str(args.master_port)]
         env_file = dict(_ifname_env(ifname))
     argv += shlex.split(args.launcher_args)
-    if cmd.kind == "script":
-        argv += [cmd.target, *cmd.args]
-    elif cmd.kind == "module":
-        argv += ["--module", cmd.target, *cmd.args]
-    else:
-        argv += ["--no_python", "--no_local_rank", cmd.target, *cmd.args]
+    argv += _launcher_tail(cmd, ["--no_python", "--no_local_rank"])
     return Plan(argv, env, env_file)
+
+
+def _launcher_tail(cmd: _Command, not_python: list[str]) -> list[str]:
+    """What follows a python launcher's own options (deepspeed, torchrun): the script, ``--module``
+    and the module, or ``not_python`` and an executable."""
+    if cmd.kind == "script":
+        return [cmd.target, *cmd.args]
+    if cmd.kind == "module":
+        return ["--module", cmd.target, *cmd.args]
+    return [*not_python, cmd.target, *cmd.args]
 
 
 def _plan_torchrun(args: argparse.Namespace, cmd: _Command, ctx: Context) -> Plan:
@@ -406,12 +411,7 @@ def _plan_torchrun(args: argparse.Namespace, cmd: _Command, ctx: Context) -> Pla
             "--node-rank", str(node_rank), "--master-addr", master,
             "--master-port", str(args.master_port or ctx.environ.get("MASTER_PORT") or 29500)]
     argv += shlex.split(args.launcher_args)
-    if cmd.kind == "script":
-        argv += [cmd.target, *cmd.args]
-    elif cmd.kind == "module":
-        argv += ["--module", cmd.target, *cmd.args]
-    else:
-        argv += ["--no-python", cmd.target, *cmd.args]
+    argv += _launcher_tail(cmd, ["--no-python"])
     return Plan(argv, dict(_ifname_env(ifname)))
 
 

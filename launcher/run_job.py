@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
 import os
 import socket
@@ -295,6 +294,7 @@ def main(args: argparse.Namespace) -> int:
     from compact_hooks.integrations.diffusers import parallelize
 
     import compact_hooks as ch
+    from compact_hooks.stats import write_json
 
     cfg = ch.load_config(args.config)
     rank, world, local_rank, owned = init_distributed()
@@ -356,7 +356,7 @@ def main(args: argparse.Namespace) -> int:
             if reference is not None:
                 for i, img in enumerate(reference):
                     save_png(img, out / ("reference.png" if len(reference) == 1 else f"reference_{i:03d}.png"))
-            (out / "stats.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+            write_json(result, out / "stats.json")
             print_table(result)
             print(f"wrote {out / 'stats.json'} and {len(images)} image(s) to {out}/")
     finally:
