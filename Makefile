@@ -23,7 +23,7 @@ test: $(STAMP)
 # FLUX-architecture inference (embedded random-weight model) on 2 CPU ranks with int2 Ulysses.
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m torch.distributed.run --standalone --nproc-per-node 2 \
-		-m compact_hooks.launcher.run_job --config examples/configs/diffusers_ulysses_int2.json --out out/demo
+		-m compact_hooks.integrations.diffusers.job --config examples/configs/diffusers_ulysses_int2.json --out out/demo
 	$(BIN)/compact-hooks report out/demo/stats.json --out out/demo/report.png
 	@echo "image: out/demo/image.png (exact reference: out/demo/reference.png)"
 	@echo "stats: out/demo/stats.json   plot: out/demo/report.png"

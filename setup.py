@@ -17,10 +17,15 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
+    # integrations/ and launcher/ sit at the repository root but install as compact_hooks.integrations
+    # and compact_hooks.launcher; their subpackages follow the parent's mapping.
     packages=[
         "compact_hooks",
+        "compact_hooks.bench",
         "compact_hooks.compressors",
         "compact_hooks.integrations",
+        "compact_hooks.integrations.deepspeed",
+        "compact_hooks.integrations.diffusers",
         "compact_hooks.launcher",
     ],
     package_dir={
@@ -30,5 +35,5 @@ setup(
     },
     install_requires=["torch>=2.4", "pydantic>=2.5", "numpy"],
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["compact-hooks=compact_hooks.launcher.cli:main"]},
+    entry_points={"console_scripts": ["compact-hooks=compact_hooks.cli:main"]},
 )

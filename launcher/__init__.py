@@ -1,1 +1,1 @@
-"""compact-hooks launcher: the `compact-hooks` command and rank discovery."""
+"""compact-hooks launcher: starting processes only (rank discovery, ``launch``, local ranks, emulated hosts)."""

@@ -26,8 +26,8 @@ def parity_worker(rank: int, world: int, cases: list[tuple[str, str, dict, dict]
     """Parallel (PassthroughHook) vs. single-process output of tiny models, per case and mode."""
     torch.set_num_threads(1)
     from compact_hooks.integrations.diffusers import attention_processors, parallelize
-    from compact_hooks.integrations.diffusers_processors import ParallelProcessor
-    from compact_hooks.integrations.diffusers_tiny import TINY_MODELS, tiny_inputs
+    from compact_hooks.integrations.diffusers.processors import ParallelProcessor
+    from compact_hooks.integrations.diffusers.tiny import TINY_MODELS, tiny_inputs
 
     out: dict[str, Any] = {}
     for tag, family, model_kw, input_kw in cases:
@@ -58,7 +58,7 @@ def errors_worker(rank: int, world: int) -> dict:
     """User errors that must be clear (and raised on every rank before any collective)."""
     torch.set_num_threads(1)
     from compact_hooks.integrations.diffusers import parallelize
-    from compact_hooks.integrations.diffusers_tiny import tiny_flux, tiny_inputs
+    from compact_hooks.integrations.diffusers.tiny import tiny_flux, tiny_inputs
 
     out: dict[str, str] = {}
     model = tiny_flux(heads=3, head_dim=16)
@@ -95,7 +95,7 @@ def pipeline_worker(rank: int, world: int) -> dict:
     """int2 over whole pipeline calls (two resolutions), every mode; the stale hook; exact baselines."""
     torch.set_num_threads(1)
     from compact_hooks.integrations.diffusers import parallelize
-    from compact_hooks.integrations.diffusers_tiny import default_flux_pipeline, default_prompt_embeds
+    from compact_hooks.integrations.diffusers.tiny import default_flux_pipeline, default_prompt_embeds
 
     import compact_hooks as ch
 
@@ -147,7 +147,7 @@ def native_worker(rank: int, world: int) -> dict:
     if torch.accelerator.device_count() < 1:  # diffusers' CPU mesh setup divides by the device count
         torch.accelerator.device_count = lambda: 1  # type: ignore[assignment]
     from compact_hooks.integrations.diffusers import compress_native_context_parallel
-    from compact_hooks.integrations.diffusers_tiny import tiny_flux, tiny_inputs
+    from compact_hooks.integrations.diffusers.tiny import tiny_flux, tiny_inputs
     from diffusers import ContextParallelConfig
     from diffusers.models import attention_dispatch
 

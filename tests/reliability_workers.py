@@ -388,7 +388,7 @@ def diffusers_soak_worker(rank: int, world: int, requests: int, steps: int) -> d
     """The soak through a tiny FLUX transformer made sequence parallel (Ulysses) by the diffusers
     integration: ``requests`` requests of ``steps`` denoising steps in one process group."""
     from compact_hooks.integrations.diffusers import parallelize
-    from compact_hooks.integrations.diffusers_tiny import tiny_flux, tiny_inputs
+    from compact_hooks.integrations.diffusers.tiny import tiny_flux, tiny_inputs
 
     torch.set_num_threads(1)
     config = {"compressor": "int2", "residual": "ef", "timeout_s": 30}

@@ -8,7 +8,9 @@ import math
 from typing import Any
 
 import pytest
-from compact_hooks.launcher import bench_e2e, netns
+from compact_hooks.launcher import netns
+
+from compact_hooks.bench import e2e as bench_e2e
 
 METHODS = {"single", "compute_only", "ulysses", "allgather", "stale", "compact_int2", "compact_int1", "compact_lowrank"}
 

@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from compact_hooks.launcher.cli import main
+
+from compact_hooks.cli import main
 
 
 def run_json(capsys, *argv: str):
@@ -42,7 +43,7 @@ def test_bench_drift_json_shows_ef_bounded_and_delta_growing(capsys):
 
 
 def test_bad_arguments_exit_with_a_message():
-    done = subprocess.run([sys.executable, "-m", "compact_hooks.launcher.cli", "bench", "codecs", "--shape", "a,b"],
+    done = subprocess.run([sys.executable, "-m", "compact_hooks.cli", "bench", "codecs", "--shape", "a,b"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--shape takes comma-separated integers" in done.stderr
 

@@ -13,8 +13,9 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from compact_hooks.launcher import report, run_job  # noqa: E402
+from compact_hooks.integrations.diffusers import job as run_job  # noqa: E402
 
+from compact_hooks.bench import report  # noqa: E402
 from tests.distributed import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def job_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("job")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "compact_hooks.launcher.run_job", "--config", str(CONFIG), "--steps", "4",
+           "-m", "compact_hooks.integrations.diffusers.job", "--config", str(CONFIG), "--steps", "4",
            "--height", "64", "--width", "64", "--out", str(out), "--seed", "3"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 pytest.importorskip("diffusers")
 
-from compact_hooks.integrations import diffusers_attention as A  # noqa: E402
+from compact_hooks.integrations.diffusers import attention as A  # noqa: E402
 from compact_hooks.integrations.diffusers import parallelize, resolve_hook  # noqa: E402
-from compact_hooks.integrations.diffusers_common import StepTracker  # noqa: E402
-from compact_hooks.integrations.diffusers_sharding import pad_tokens  # noqa: E402
-from compact_hooks.integrations.diffusers_tiny import tiny_flux, tiny_inputs  # noqa: E402
+from compact_hooks.integrations.diffusers.common import StepTracker  # noqa: E402
+from compact_hooks.integrations.diffusers.sharding import pad_tokens  # noqa: E402
+from compact_hooks.integrations.diffusers.tiny import tiny_flux, tiny_inputs  # noqa: E402
 
 import compact_hooks as ch  # noqa: E402
 

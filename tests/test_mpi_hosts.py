@@ -192,7 +192,7 @@ def test_workers_exit_cleanly(pools: Pools) -> None:
 
 
 def _launch(hosts: Hosts, n: int, *worker_args: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "compact_hooks.launcher.cli", "launch", "--launcher", "mpirun",
+    argv = [sys.executable, "-m", "compact_hooks.cli", "launch", "--launcher", "mpirun",
             "--hostfile", str(hosts.hostfile_for(n)), "--ifname", hosts.ifname,
             "--launcher-args", f"--prtemca plm_ssh_agent {hosts.agent}",
             "--", "python", str(WORKER), "hello", *worker_args]

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import diffusers_processors as P
-from .diffusers_sharding import ShardState
+from . import processors as P
+from .sharding import ShardState
 
 InputSharder = Callable[[ShardState, dict[str, Any]], None]
 Installer = Callable[[nn.Module, ShardState], list[RemovableHandle]]

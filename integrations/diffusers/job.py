@@ -10,6 +10,7 @@ downloads). Every rank runs the same pipeline call; the transformer is sequence-
 (``parallelize``) with the config's hook. Unless ``--no-reference``, the same call is first run with
 a :class:`PassthroughHook` (exact parallel output) and the compressed image is compared with it.
 Rank 0 writes ``image.png`` (``reference.png``) and ``stats.json`` to ``--out``.
+Also runnable as ``python -m compact_hooks.integrations.diffusers.job ARGS``.
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def load_prompt_kwargs(path: str, device: Any, dtype: Any) -> dict[str, Any]:
 
 def build_pipeline(args: argparse.Namespace, device: Any, dtype: Any) -> tuple[Any, dict[str, Any], str]:
     """``(pipeline, prompt kwargs, model name)``."""
-    from compact_hooks.integrations.diffusers_tiny import default_flux_pipeline, default_prompt_embeds
+    from compact_hooks.integrations.diffusers.tiny import default_flux_pipeline, default_prompt_embeds
 
     if args.model:
         from diffusers import DiffusionPipeline
@@ -366,6 +367,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from compact_hooks.launcher.cli import run_one
+    from compact_hooks.cli import run_one
 
     sys.exit(run_one("run", add_parser))

@@ -1,4 +1,4 @@
-"""Sequence-parallel diffusers transformers whose attention collectives go through a CommHook.
+"""``parallelize``: sequence-parallel diffusers transformers whose attention collectives go through a CommHook.
 
 Usage (every rank runs the same code with the same inputs and seed)::
 
@@ -11,24 +11,17 @@ Usage (every rank runs the same code with the same inputs and seed)::
     handle.remove()
 
 ``parallelize`` shards the token sequence inside the transformer's forward (see
-``diffusers_families``), swaps the attention processors (``set_attn_processor``) for sequence-parallel
-ones (``diffusers_processors``) and gathers the output, so the transformer keeps its signature and
+``families``), swaps the attention processors (``set_attn_processor``) for sequence-parallel
+ones (``processors``) and gathers the output, so the transformer keeps its signature and
 returns the full output on every rank. Collectives are keyed by module name
 (``"transformer_blocks.3.attn:k"``). A pipeline ``__call__`` is a request (``hook.begin_request()``),
 a transformer forward is a step (``hook.next_step()`` after it). For diffusers' own context
-parallelism see :func:`compress_native_context_parallel`.
+parallelism see :func:`~.native.compress_native_context_parallel`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
-
-try:
-    import diffusers  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "compact_hooks.integrations.diffusers needs diffusers: pip install 'compact-hooks[diffusers]'"
-    ) from exc
 
 import torch
 import torch.distributed as dist
@@ -38,22 +31,13 @@ from torch.utils.hooks import RemovableHandle
 from compact_hooks.collectives import all_gather, group_rank, group_size
 from compact_hooks.hook import CommHook
 
-from .diffusers_attention import MODES, AttentionComm, check_heads
-from .diffusers_common import HookLike, StepTracker, bind_arguments, resolve_hook, split_pipeline
-from .diffusers_families import FAMILIES, Family, family_of, is_self_attention
-from .diffusers_native import NativeHandle, compress_native_context_parallel
-from .diffusers_processors import ParallelProcessor
-from .diffusers_sharding import ShardState
+from .attention import MODES, AttentionComm, check_heads
+from .common import HookLike, StepTracker, bind_arguments, resolve_hook, split_pipeline
+from .families import Family, family_of, is_self_attention
+from .processors import ParallelProcessor
+from .sharding import ShardState
 
-__all__ = [
-    "FAMILIES",
-    "NativeHandle",
-    "ParallelHandle",
-    "attention_processors",
-    "compress_native_context_parallel",
-    "parallelize",
-    "resolve_hook",
-]
+__all__ = ["ParallelHandle", "attention_processors", "parallelize", "set_attention_processors"]
 
 
 class ParallelHandle:

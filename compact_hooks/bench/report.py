@@ -118,6 +118,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    from compact_hooks.launcher.cli import run_one
+    from compact_hooks.cli import run_one
 
     sys.exit(run_one("report", add_parser))

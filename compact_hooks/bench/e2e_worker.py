@@ -1,7 +1,7 @@
-"""Rank program of ``compact-hooks bench e2e``; :mod:`compact_hooks.launcher.bench_e2e` starts it with
+"""Rank program of ``compact-hooks bench e2e``; :mod:`compact_hooks.bench.e2e` starts it with
 mpirun on emulated hosts (one rank per host)::
 
-    python -m compact_hooks.launcher.bench_e2e_worker --model medium --steps 4 --rate 20mbit --result r.json
+    python -m compact_hooks.bench.e2e_worker --model medium --steps 4 --rate 20mbit --result r.json
 
 Every rank builds the same random-weight FLUX pipeline and runs every method on the same inputs and
 seed in one process group (1 torch thread per rank). Each run starts after a barrier; its latency is
@@ -23,7 +23,9 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
-from compact_hooks.launcher.bench_e2e import (
+
+import compact_hooks as ch
+from compact_hooks.bench.e2e import (
     COMPACT_METHODS,
     LADDER_CODECS,
     LADDER_MODES,
@@ -31,8 +33,6 @@ from compact_hooks.launcher.bench_e2e import (
     PROGRESS,
     lowrank_spec,
 )
-
-import compact_hooks as ch
 from compact_hooks.collectives import group_size
 from compact_hooks.hook import CollectiveCall, CommHook, plain_collective
 
@@ -389,7 +389,7 @@ def overhead(bench: Bench, repeats: int) -> dict[str, Any]:
 
 
 def build(model: str, seed: int) -> tuple[Any, dict[str, torch.Tensor], int]:
-    from compact_hooks.integrations.diffusers_tiny import default_flux_pipeline, default_prompt_embeds
+    from compact_hooks.integrations.diffusers.tiny import default_flux_pipeline, default_prompt_embeds
 
     spec = dict(MODELS[model])
     size, text = spec.pop("size"), spec.pop("text_tokens")
@@ -399,7 +399,7 @@ def build(model: str, seed: int) -> tuple[Any, dict[str, torch.Tensor], int]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m compact_hooks.launcher.bench_e2e_worker")
+    p = argparse.ArgumentParser(prog="python -m compact_hooks.bench.e2e_worker")
     p.add_argument("--model", choices=sorted(MODELS), required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--rate", required=True, help="label of the link rate (the driver set the cap)")

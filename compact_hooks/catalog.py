@@ -1,4 +1,4 @@
-"""``compact-hooks compressors``: list the registered codecs and their parameters."""
+"""The catalogue of registered codecs: ``describe()`` rows and the ``compact-hooks compressors`` subcommand."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Each processor does what the model's stock processor does (projections, QK norms, rotary embedding,
 joint text+image concatenation, output projections) on this rank's tokens, and replaces the attention
-itself by :func:`~.diffusers_attention.sequence_parallel_attention`. The layout of the local sequence
-comes from the model's :class:`~.diffusers_sharding.ShardState`.
+itself by :func:`~.attention.sequence_parallel_attention`. The layout of the local sequence
+comes from the model's :class:`~.sharding.ShardState`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .diffusers_attention import sequence_parallel_attention
-from .diffusers_sharding import ShardState
+from .attention import sequence_parallel_attention
+from .sharding import ShardState
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:

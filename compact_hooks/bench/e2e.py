@@ -6,7 +6,7 @@
         [--steps N] [--json] [--out FILE.json] [--plot FILE.png]
 
 For each ``--rate``, ``--hosts`` emulated hosts (network namespaces, links capped with ``tbf``; needs
-root) run one mpirun of :mod:`compact_hooks.launcher.bench_e2e_worker`, one rank per host and one
+root) run one mpirun of :mod:`compact_hooks.bench.e2e_worker`, one rank per host and one
 torch thread per rank. In that one process group every method runs on the same inputs and seed:
 
 * ``compute_only``: Ulysses with a hook that returns tensors of the right shape without communicating;
@@ -81,7 +81,7 @@ def _worker_argv(hosts: Any, n: int, args: list[str]) -> list[str]:
     return [netns.mpirun_path(), *hosts.mpirun_args(), "--bind-to", "none", "-np", str(n),
             "--hostfile", str(hosts.hostfile_for(n)), "-x", f"GLOO_SOCKET_IFNAME={hosts.ifname}",
             "-x", "OMP_NUM_THREADS=1", "-x", "MKL_NUM_THREADS=1",
-            sys.executable, "-u", "-m", "compact_hooks.launcher.bench_e2e_worker", *args]
+            sys.executable, "-u", "-m", "compact_hooks.bench.e2e_worker", *args]
 
 
 def _pump(proc: subprocess.Popen, timeout: float, echo: bool) -> str:

@@ -1,7 +1,7 @@
 """Token sharding for one parallelized transformer: pad, split and gather token segments.
 
 A :class:`ShardState` belongs to one parallelized model. At the start of each forward it is cleared;
-the model's shard points (forward hooks, see ``diffusers_families``) register each token segment
+the model's shard points (forward hooks, see ``families``) register each token segment
 (``"text"``, ``"image"``) with its true length as they shard it, and the attention processors read the
 resulting layout. Padding repeats the segment's last token (real values: no NaN/Inf in padded rows);
 padded keys are masked in attention and padded rows are cut when the output is gathered.
@@ -15,7 +15,7 @@ import torch
 
 from compact_hooks.collectives import all_gather
 
-from .diffusers_attention import AttentionComm, Segment, SequenceLayout
+from .attention import AttentionComm, Segment, SequenceLayout
 
 
 def pad_tokens(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:

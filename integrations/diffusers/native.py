@@ -21,7 +21,7 @@ from torch.utils.hooks import RemovableHandle
 
 from compact_hooks.hook import CollectiveCall, CommHook
 
-from .diffusers_common import HookLike, StepTracker, bind_arguments, resolve_hook, split_pipeline
+from .common import HookLike, StepTracker, bind_arguments, resolve_hook, split_pipeline
 
 CALL_NAMES = ("q", "k", "v", "o", "lse")
 

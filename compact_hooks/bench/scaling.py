@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .local import run_ranks
+from compact_hooks.launcher.local import run_ranks
 
 HEADS, HEAD_DIM, TEXT = 12, 16, 12  # 12 heads: divisible by 2, 3 and 4 ranks
 
@@ -36,10 +36,9 @@ def _shard(tokens: int, world: int) -> int:
 
 
 def _worker(rank: int, world: int, cases: list[dict[str, int]], compressor: Any, steps: int) -> list[dict[str, Any]]:
-    from compact_hooks.integrations.diffusers import parallelize
-    from compact_hooks.integrations.diffusers_tiny import tiny_flux, tiny_inputs
-
     import compact_hooks as ch
+    from compact_hooks.integrations.diffusers import parallelize
+    from compact_hooks.integrations.diffusers.tiny import tiny_flux, tiny_inputs
 
     rows = []
     for case in cases:
