@@ -176,6 +176,13 @@ def test_launcher_only_starts_processes():
     assert {"compact_hooks.launcher.mpi", "compact_hooks.launcher.launch"} <= set(launcher)
 
 
+def test_every_source_folder_is_a_package():
+    """setup.py ships the folders find_packages sees: each needs an __init__.py."""
+    bare = sorted(str(d.relative_to(ROOT)) for folder in PACKAGES for d in (ROOT / folder).rglob("*")
+                  if d.is_dir() and any(d.glob("*.py")) and not (d / "__init__.py").exists())
+    assert not bare, f"folders with .py files but no __init__.py (setup.py would not ship them): {bare}"
+
+
 def test_integrations_are_packages():
     modules = project_modules()
     for name in ("compact_hooks.integrations.diffusers", "compact_hooks.integrations.deepspeed"):
