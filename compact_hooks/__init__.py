@@ -11,10 +11,10 @@ Quick start::
 from .compressors.base import Compressor
 from .config import CompactConfig, load_config, strip_config
 from .errors import CollectiveTimeoutError, CompactHooksError, ConfigError, ProtocolError
-from .hook import CastHook, CollectiveCall, CommHook, CompactHook, PassthroughHook, build_hook
+from .hook import CollectiveCall, CommHook
+from .hooks import CastHook, CompactHook, PassthroughHook, StaleHook, build_hook
 from .registry import available_compressors, build_compressor, register_compressor
 from .residual import Channel, Session
-from .stale import StaleHook
 from .stats import Stats
 
 __version__ = "0.1.0"

@@ -29,7 +29,7 @@ import torch
 from .compressors.base import Compressor
 from .config import CompactConfig, load_config
 from .stats import Stats
-from .wire import FLAGS_BYTE, decode_raw, encode_raw, raw_nbytes
+from .wire import FLAGS_BYTE, decode_raw, raw_nbytes
 
 MODES = ("none", "delta", "ef", "ef2")
 FP16_MAX = 65504.0
@@ -96,7 +96,7 @@ class Channel:
         stays finite, so the next step is back to normal.
         """
         if full:
-            payload = encode_raw(x.contiguous(), self.compressor.fingerprint)
+            payload = self.compressor.encode_raw(x.contiguous())
             self._set_full(x)
             if self.mode == "delta":
                 self.previous_x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)

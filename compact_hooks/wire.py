@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Mapping
+from typing import Any, Callable, Hashable, Mapping
 
 import torch
 
@@ -71,9 +72,41 @@ def header_bytes(kind: PayloadKind, dtype: torch.dtype, fingerprint: int, numel:
 
 def header_tensor(kind: PayloadKind, dtype: torch.dtype, fingerprint: int, numel: int,
                   device: torch.device) -> torch.Tensor:
-    """The header as a ``uint8`` tensor on ``device``."""
+    """The header as a new ``uint8`` tensor on ``device`` (built on the host and copied: on a GPU
+    that copy synchronises, so the hot path takes headers from a :class:`DeviceCache`)."""
     raw = header_bytes(kind, dtype, fingerprint, numel)
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(device)
+
+
+class DeviceCache:
+    """Small constant tensors (payload headers, decode tables) built once per device and key.
+
+    Building such a tensor on the host and copying it to a GPU blocks the host until the stream
+    catches up; a cached copy is reused with device-to-device copies only. Least recently used
+    entries beyond ``capacity`` are dropped, so the cache stays small for any number of shapes.
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
+
+    def get(self, key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The tensor cached under ``key``, built by ``build()`` the first time."""
+        item = self._items.get(key)
+        if item is None:
+            item = self._items[key] = build()
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(key)
+        return item
+
+    def header(self, kind: PayloadKind, dtype: torch.dtype, fingerprint: int, numel: int,
+               device: torch.device) -> torch.Tensor:
+        """A cached :func:`header_tensor` (callers must not write into it: copy first)."""
+        device = torch.device(device)
+        return self.get(("header", kind, dtype, fingerprint, numel, device),
+                        lambda: header_tensor(kind, dtype, fingerprint, numel, device))
 
 
 def parse_header(payload: torch.Tensor) -> Header:
@@ -170,9 +203,13 @@ def from_bytes(raw: torch.Tensor, dtype: torch.dtype, count: int) -> torch.Tenso
     return chunk.view(dtype)
 
 
-def encode_raw(x: torch.Tensor, fingerprint: int) -> torch.Tensor:
-    """A RAW payload: the header then ``x``'s own bytes (full sends during warm-up and resync)."""
-    header = header_tensor(PayloadKind.RAW, x.dtype, fingerprint, x.numel(), x.device)
+def encode_raw(x: torch.Tensor, fingerprint: int, cache: DeviceCache | None = None) -> torch.Tensor:
+    """A RAW payload: the header then ``x``'s own bytes (full sends during warm-up and resync).
+    With ``cache`` the header comes from it (no host-to-device copy)."""
+    if cache is None:
+        header = header_tensor(PayloadKind.RAW, x.dtype, fingerprint, x.numel(), x.device)
+    else:
+        header = cache.header(PayloadKind.RAW, x.dtype, fingerprint, x.numel(), x.device)
     return torch.cat([header, as_bytes(x)])
 
 

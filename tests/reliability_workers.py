@@ -14,8 +14,8 @@ from typing import Any, Callable, Optional
 import torch
 
 import compact_hooks as ch
-from compact_hooks import collectives as C
 from compact_hooks import wire
+from compact_hooks.collectives import protocol
 
 OPS = ("all_gather", "all_to_all", "all_reduce", "ring_exchange")
 BAD_RANK = 1
@@ -257,13 +257,13 @@ def protocol_worker(rank: int, world: int) -> dict[str, Any]:
     for name, op, block, odd, _ in mismatch_cases():
         patched = name == "wire" and rank == ODD_RANK
         if patched:  # a rank running another release of the wire format
-            wire.WIRE_VERSION, C.WIRE_VERSION = 2, 2
+            wire.WIRE_VERSION, protocol.WIRE_VERSION = 2, 2
         try:
             hook = ch.CompactHook(odd if rank == ODD_RANK else block)
             out[name] = _attempt(lambda: call(hook, op, x))
         finally:
             if patched:
-                wire.WIRE_VERSION, C.WIRE_VERSION = 1, 1
+                wire.WIRE_VERSION, protocol.WIRE_VERSION = 1, 1
     # only the header differs (the handshake agrees): verify_headers on the first exchange
     if rank == ODD_RANK:
         wire.WIRE_VERSION = 3

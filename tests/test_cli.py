@@ -29,7 +29,10 @@ def test_bench_codecs_json(capsys):
     assert set(rows) == {"int2", "lowrank"}
     for r in rows.values():
         assert set(r) >= {"name", "params", "ratio", "rel_error", "encode_ms", "decode_ms", "floor_ms", "x_floor"}
-        assert r["ratio"] > 1 and 0 <= r["rel_error"] < 1 and r["x_floor"] > 0
+        assert r["ratio"] > 1 and r["x_floor"] > 0
+    # measured: int2 0.042, lowrank 0.073 (mean error of the residual stream's reconstruction)
+    assert 0 < rows["int2"]["rel_error"] < 0.1 and 0 < rows["lowrank"]["rel_error"] < 0.15
+    assert rows["int2"]["ratio"] > 7 and rows["lowrank"]["ratio"] > 20
     assert rows["lowrank"]["params"]["rank"] == 4
 
 

@@ -14,25 +14,27 @@ OPS = ["all_gather", "all_to_all", "all_reduce", "ring_exchange"]
 STEPS = 20
 
 # (spec, residual mode, bound on the mean relative error over compressed steps)
-LOSSY = [
+LOSSY = [  # bounds: about twice the largest mean measured over ops and 2-3 ranks
     ("fp16", "ef", 5e-3),
-    ("int8", "ef", 0.02),
-    ("int4", "ef", 0.15),
-    ("int2", "ef", 0.5),
-    ("int2", "delta", 0.9),
-    ("int2", "ef2", 0.6),
-    ("int2", "none", 0.9),
-    ("int2cf", "ef", 0.6),
-    ("int1", "ef", 0.8),
-    ({"name": "topk", "ratio": 0.1}, "ef", 0.9),
-    ({"name": "nm", "n": 2, "m": 8}, "ef", 0.9),
-    ({"name": "lowrank", "rank": 4, "factor_bits": 8}, "ef", 0.9),
+    ("int8", "ef", 1e-3),
+    ("int4", "ef", 0.01),
+    ("int2", "ef", 0.04),
+    ("int2", "delta", 0.16),
+    ("int2", "ef2", 0.03),
+    ("int2", "none", 0.7),
+    ("int2cf", "ef", 0.03),
+    ("int1", "ef", 0.08),
+    ({"name": "topk", "ratio": 0.1}, "ef", 0.2),
+    ({"name": "nm", "n": 2, "m": 8}, "ef", 0.09),
+    ({"name": "lowrank", "rank": 4, "factor_bits": 8}, "ef", 0.05),
 ]
 
 
 def dtypes_for(spec, residual) -> list:
-    """float32 for every codec; bfloat16 too for the paper's default (int2, ef) and casts."""
-    return [torch.float32, torch.bfloat16] if (spec, residual) in (("int2", "ef"), ("fp16", "ef")) else [torch.float32]
+    """float32 for every codec; bfloat16 too for the paper's default (int2, ef). (An fp16 cast of a
+    bfloat16 tensor would not be smaller than plain: it takes the plain path, see
+    tests/test_review_defects.py.)"""
+    return [torch.float32, torch.bfloat16] if (spec, residual) == ("int2", "ef") else [torch.float32]
 
 
 def drifting(rank: int, step: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ..wire import FLOAT_DTYPES, HEADER_NBYTES, PayloadKind, as_bytes, header_tensor, spec_fingerprint
+from ..wire import FLOAT_DTYPES, HEADER_NBYTES, DeviceCache, PayloadKind, as_bytes, encode_raw, spec_fingerprint
 
 Shape = Sequence[int]
 
@@ -37,7 +37,8 @@ class Compressor(ABC):
     * ``lossless_dtypes``: input dtypes for which ``decode(encode(x))`` equals ``x`` bit for bit.
 
     A codec that wants per-stream state (a warm-start basis) receives the channel's ``state`` dict
-    in ``encode``; the codec itself holds none.
+    in ``encode``; the codec itself holds none, apart from :attr:`device_cache` (headers and
+    decode tables built once per device, so encode and decode never copy host data to a GPU).
     """
 
     name: ClassVar[str] = ""
@@ -60,6 +61,14 @@ class Compressor(ABC):
     def fingerprint(self) -> int:
         return self._fingerprint
 
+    @property
+    def device_cache(self) -> DeviceCache:
+        """Constant tensors per device (headers, lookup tables) for this codec."""
+        cache = self.__dict__.get("_device_cache")
+        if cache is None:
+            cache = self.__dict__["_device_cache"] = DeviceCache()
+        return cache
+
     def is_lossless(self, dtype: torch.dtype) -> bool:
         return dtype in self.lossless_dtypes
 
@@ -80,13 +89,17 @@ class Compressor(ABC):
     def encode(self, x: torch.Tensor, state: dict[str, Any] | None = None) -> torch.Tensor:
         """Compress ``x`` into one ``uint8`` payload."""
         check_float(x, f"compressor {self.name!r}")
-        header = header_tensor(PayloadKind.COMPRESSED, x.dtype, self._fingerprint, x.numel(), x.device)
+        header = self.device_cache.header(PayloadKind.COMPRESSED, x.dtype, self._fingerprint, x.numel(), x.device)
         fields = [as_bytes(f) for f in self.encode_body(x, state)]
         payload = torch.cat([header, *fields])
         expected = self.payload_nbytes(x.shape, x.dtype)
         if payload.numel() != expected:  # a codec bug, never a user error
             raise AssertionError(f"{self!r} wrote {payload.numel()} bytes, declared {expected}")
         return payload
+
+    def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """A RAW payload of ``x`` (full sends) under this codec's fingerprint."""
+        return encode_raw(x, self._fingerprint, self.device_cache)
 
     def decode(self, payload: torch.Tensor, shape: Shape, dtype: torch.dtype) -> torch.Tensor:
         """Reconstruct a tensor of ``shape`` and ``dtype`` from ``payload``."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..registry import register_compressor
-from ..wire import from_bytes, pack_bits, packed_nbytes
+from ..wire import DeviceCache, from_bytes, pack_bits, packed_nbytes
 from .base import Compressor, numel_of
 
 FP16_MAX = 65504.0
@@ -132,25 +132,31 @@ def grid_codes(x: torch.Tensor, inv: torch.Tensor, grid: Grid, inplace: bool = F
 
 
 def level_table(bits: int, levels: list[float], device: torch.device) -> torch.Tensor:
-    """``[256, 8 // bits]`` float32: the levels of the codes packed in each possible byte."""
+    """``[256, 8 // bits]`` float32: the levels of the codes packed in each possible byte (built
+    on the host: codecs take it from their :attr:`~Compressor.device_cache`)."""
     per_byte = 8 // bits
     shifts = torch.arange(0, 8, bits, device=device)
     codes = (torch.arange(256, device=device).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
     return torch.tensor(levels, dtype=torch.float32, device=device)[codes].view(256, per_byte)
 
 
-def byte_levels(packed: torch.Tensor, bits: int, levels: list[float], count: int) -> torch.Tensor:
-    """float32 ``[count]``: the level of every code packed in ``packed``, by one table lookup per byte
-    (faster than shifting, masking and converting codes, and exact)."""
-    table = level_table(bits, levels, packed.device)
+def cached_level_table(cache: DeviceCache, bits: int, levels: list[float], device: torch.device) -> torch.Tensor:
+    """:func:`level_table` from ``cache``: built once per device, then no host-to-device copy."""
+    return cache.get(("levels", bits, tuple(levels), torch.device(device)), lambda: level_table(bits, levels, device))
+
+
+def byte_levels(packed: torch.Tensor, table: torch.Tensor, count: int) -> torch.Tensor:
+    """float32 ``[count]``: the level of every code packed in ``packed``, by one lookup per byte in
+    a :func:`level_table` (faster than shifting, masking and converting codes, and exact)."""
     return table.index_select(0, packed.int()).view(-1)[:count]
 
 
-def grid_levels(packed: torch.Tensor, grid: Grid, count: int) -> torch.Tensor:
+def grid_levels(packed: torch.Tensor, grid: Grid, count: int, cache: DeviceCache) -> torch.Tensor:
     """float32 ``[count]``: ``code - off`` of every packed code of a :class:`Grid`."""
     if grid.bits == 8:  # one code per byte: a conversion beats a table lookup
         return packed[:count].float().sub_(grid.off)
-    return byte_levels(packed, grid.bits, [float(c - grid.off) for c in range(2**grid.bits)], count)
+    levels = [float(c - grid.off) for c in range(2**grid.bits)]
+    return byte_levels(packed, cached_level_table(cache, grid.bits, levels, packed.device), count)
 
 
 def grid_decode_into(codes: torch.Tensor, scale: torch.Tensor, grid: Grid, out: torch.Tensor) -> None:
@@ -217,7 +223,7 @@ class _GroupQuantizer(Compressor):
         tokens, channels, g, groups = self._layout(shape)
         ns = tokens * groups
         s32 = from_bytes(body, torch.float16, ns).float()
-        levels = grid_levels(body[2 * ns:], self.grid, n)
+        levels = grid_levels(body[2 * ns:], self.grid, n, self.device_cache)
         if channels % g == 0:
             values = levels.view(ns, g).mul_(s32.unsqueeze(1))
         else:
@@ -301,7 +307,8 @@ class _SeparableSign(Compressor):
         ch = from_bytes(body, torch.float16, channels).float()
         tok = from_bytes(body[2 * channels:], torch.float16, tokens).float()
         packed = body[2 * (channels + tokens):]
-        vals = byte_levels(packed, self.bits, self.levels, n).view(tokens, channels)
+        table = cached_level_table(self.device_cache, self.bits, self.levels, packed.device)
+        vals = byte_levels(packed, table, n).view(tokens, channels)
         vals.mul_(tok.unsqueeze(1))
         out = torch.empty((tokens, channels), dtype=dtype, device=body.device)
         torch.mul(vals, ch.unsqueeze(0), out=out)

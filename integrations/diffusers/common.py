@@ -11,7 +11,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from compact_hooks.hook import CommHook, PassthroughHook
+from compact_hooks.hook import CommHook
+from compact_hooks.hooks import PassthroughHook
 
 HookLike = Union[CommHook, Mapping[str, Any], str, os.PathLike, None]
 

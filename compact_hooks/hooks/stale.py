@@ -8,9 +8,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from . import collectives as C
-from .hook import CollectiveCall, CommHook, plain_collective
-from .stats import Stats
+from .. import collectives as C
+from ..hook import CollectiveCall, CommHook, plain_collective
+from ..stats import Stats
 
 
 @dataclass
@@ -20,19 +20,22 @@ class _StaleEntry:
     local: torch.Tensor
     done: bool = False
 
-    def wait(self) -> None:
+    def wait(self, timeout_s: Optional[float] = None) -> None:
         """Wait once: a gloo send/recv work must not be waited on twice."""
         if not self.done:
-            self.work.wait()
+            C.wait(self.work, timeout_s, "the stale exchange")
             self.done = True
 
 
 class StaleHook(CommHook):
     """DistriFusion-style stale activations: after ``warmup_steps`` exact exchanges of a key in a
     request, return the previous step's remote data (the local part fresh) and start this step's
-    exchange asynchronously, overlapping it with compute. The baseline the paper beats."""
+    exchange asynchronously, overlapping it with compute. The baseline the paper beats.
 
-    def __init__(self, warmup_steps: int = 1, stats: Optional[Stats] = None) -> None:
+    Each exchange sends a private copy of the caller's tensor: a caller may reuse its buffer in
+    place as soon as the call returns. ``timeout_s`` bounds the wait for a peer."""
+
+    def __init__(self, warmup_steps: int = 1, stats: Optional[Stats] = None, timeout_s: Optional[float] = None) -> None:
         if warmup_steps < 1:
             raise ValueError(f"StaleHook needs warmup_steps >= 1 (the first step has nothing stale); got {warmup_steps}")
         self.warmup_steps = warmup_steps
@@ -42,6 +45,7 @@ class StaleHook(CommHook):
         self.stats_ = stats if stats is not None else Stats()
         self.step = 0
         self.request = 0
+        self.timeout_s = timeout_s
 
     def __call__(self, call: CollectiveCall) -> torch.Tensor:
         x = call.tensor
@@ -60,25 +64,25 @@ class StaleHook(CommHook):
         self.exchanges[key] = count + 1
         previous = self.pending.pop(key, None)
         if previous is not None and previous.local.shape != x.shape:
-            previous.wait()
+            previous.wait(self.timeout_s)
             previous = None
         if count < self.warmup_steps or previous is None:
             if previous is not None:
-                previous.wait()
+                previous.wait(self.timeout_s)
             if count + 1 < self.warmup_steps:
-                return plain_collective(call)
+                return plain_collective(call, self.timeout_s)
             # the last exact step: its exchange is also the stale data of the next step
             entry = self._start(call, x, size)
-            entry.wait()
+            entry.wait(self.timeout_s)
             self.pending[key] = entry
             return self._exact(call, entry)
-        previous.wait()
+        previous.wait(self.timeout_s)
         stale = self._assemble(call, previous, x, size)
         self.pending[key] = self._start(call, x, size)
         return stale
 
     def _start(self, call: CollectiveCall, x: torch.Tensor, size: int) -> _StaleEntry:
-        x = x.contiguous()
+        x = x.clone(memory_format=torch.contiguous_format)  # the send outlives the call: never the caller's buffer
         if call.op == "all_gather":
             buf = torch.empty((size, *x.shape), dtype=x.dtype, device=x.device)
             fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -119,7 +123,7 @@ class StaleHook(CommHook):
 
     def _drain(self) -> None:
         for entry in self.pending.values():
-            entry.wait()
+            entry.wait(self.timeout_s)
         self.pending.clear()
 
     def begin_request(self) -> None:
@@ -146,9 +150,14 @@ class StaleHook(CommHook):
 
 
 class _AllWorks:
+    """Several works waited on as one (the two halves of a ring exchange)."""
+
     def __init__(self, works: list[Any]) -> None:
         self.works = works
 
-    def wait(self) -> None:
+    def wait(self, timeout: Any = None) -> None:
         for w in self.works:
-            w.wait()
+            if timeout is None:
+                w.wait()
+            else:
+                w.wait(timeout=timeout)

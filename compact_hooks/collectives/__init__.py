@@ -1,0 +1,41 @@
+"""Collectives on torch.distributed, one function per collective and layout; the group is explicit.
+
+* :mod:`.plain`: the exact baseline (``all_gather``, ``all_to_all``, ``all_reduce``,
+  ``ring_exchange``) and the definition of raw bytes (``plain_bytes``);
+* :mod:`.compressed`: the same collectives moving codec payloads through a
+  :class:`~compact_hooks.residual.Session`'s channels;
+* :mod:`.protocol`: the settings handshake, header checks and base verification;
+* :mod:`.transport`: waiting with a timeout and the byte-level exchanges.
+
+A group of size 1 returns at once.
+"""
+
+from .compressed import (
+    compressed_all_gather,
+    compressed_all_reduce,
+    compressed_all_to_all,
+    compressed_ring_exchange,
+    reduce_chunks,
+)
+from .plain import (
+    all_gather,
+    all_reduce,
+    all_reduce_,
+    all_to_all,
+    check_rows,
+    global_rank,
+    group_rank,
+    group_size,
+    plain_bytes,
+    ring_exchange,
+)
+from .protocol import SETTINGS_NBYTES, agree_on_settings, device_of, maybe_verify, verify_headers
+from .transport import Group, all_gather_bytes, all_to_all_bytes, exchange_ring, transport_timeout, wait
+
+__all__ = [
+    "Group", "SETTINGS_NBYTES", "agree_on_settings", "all_gather", "all_gather_bytes", "all_reduce", "all_reduce_",
+    "all_to_all", "all_to_all_bytes", "check_rows", "compressed_all_gather", "compressed_all_reduce",
+    "compressed_all_to_all", "compressed_ring_exchange", "device_of", "exchange_ring", "global_rank", "group_rank",
+    "group_size", "maybe_verify", "plain_bytes", "reduce_chunks", "ring_exchange", "transport_timeout",
+    "verify_headers", "wait",
+]

@@ -1,0 +1,202 @@
+"""Compressed collectives: codec payloads through the same torch.distributed calls as the plain
+ones, reconstructed through the channels of a :class:`~compact_hooks.residual.Session`.
+
+Bytes recorded per call are what this rank sends under a ring / pairwise algorithm: ``raw`` is
+always :func:`~compact_hooks.collectives.plain.plain_bytes` of the op and tensor (what the plain
+collective would send), ``wire`` the payload bytes really sent. When the steady-state payloads
+of a call would not be smaller than the plain collective (tiny tensors, where headers and scales
+dominate), the call takes the plain collective instead: compression never sends more than plain.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..residual import Session
+from .plain import all_gather, all_reduce, all_to_all, check_rows, global_rank, group_rank, group_size, plain_bytes
+from .plain import ring_exchange as plain_ring_exchange
+from .protocol import maybe_verify, verify_headers
+from .transport import Group, all_gather_bytes, all_to_all_bytes, exchange_ring
+
+
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+def _steady_payload(session: Session, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return session.payload_nbytes(shape, dtype, full=False)
+
+
+def _plain_instead(session: Session, key: str, op: str, x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
+    """The plain collective, recorded as such (compression would not send fewer bytes)."""
+    sent = plain_bytes(op, _nbytes(x), group_size(group))
+    session.stats.record(key, op, sent, sent, True)
+    timeout = session.timeout_s
+    if op == "all_gather":
+        return all_gather(x, group, dim, timeout)
+    if op == "all_to_all":
+        return all_to_all(x, group, timeout)
+    if op == "all_reduce":
+        return all_reduce(x, group, timeout)
+    return plain_ring_exchange(x, group, timeout)
+
+
+def _check_first(session: Session, key: str, payloads: torch.Tensor, full: bool, group: Group,
+                 dtype: torch.dtype, numel: int) -> None:
+    """Verify the headers of a key's first exchange (one host read per key, not per step)."""
+    if full and session.keys[key].exchanges == 1:
+        verify_headers(payloads, session, key, group, dtype, numel)
+
+
+def compressed_all_gather(x: torch.Tensor, group: Group, session: Session, key: str, dim: int = 0) -> torch.Tensor:
+    """Like :func:`~compact_hooks.collectives.plain.all_gather`; every rank's tensor travels as a
+    compressed residual. The local slice of the result is the exact local ``x``."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    shape = tuple(x.shape)
+    if _steady_payload(session, shape, x.dtype) >= _nbytes(x):
+        return _plain_instead(session, key, "all_gather", x, group, dim)
+    rank = group_rank(group)
+    full = session.prepare(key, shape, x.dtype)
+    payload, _ = session.channel(key, global_rank(group, rank)).encode(x, full)
+    gathered = all_gather_bytes(payload, group, session.timeout_s, f"all_gather of {key!r}")
+    _check_first(session, key, gathered, full, group, x.dtype, x.numel())
+    parts = [x if j == rank else session.channel(key, global_rank(group, j)).decode(gathered[j], shape, x.dtype, full)
+             for j in range(size)]
+    ks = session.stats.record(key, "all_gather", plain_bytes("all_gather", _nbytes(x), size),
+                              (size - 1) * payload.numel(), full)
+    out = torch.cat(parts, dim=dim)
+    if session.stats.wants_error(ks):
+        session.stats.record_error(ks, out, all_gather(x, group, dim, session.timeout_s))
+    maybe_verify(session, key, group)
+    return out
+
+
+def _exchange_chunks(chunks: list[torch.Tensor], group: Group, session: Session, key: str,
+                     full: bool) -> tuple[list[torch.Tensor], int]:
+    """Send ``chunks[j]`` to rank ``j`` as compressed residuals; return the received chunks
+    (own chunk exact) and the payload size."""
+    size = group_size(group)
+    rank = group_rank(group)
+    me = global_rank(group, rank)
+    payloads = [None if j == rank else session.channel(key, me, global_rank(group, j)).encode(chunk, full)[0]
+                for j, chunk in enumerate(chunks)]
+    nbytes = next(p.numel() for p in payloads if p is not None)
+    own = payloads[(rank + 1) % size].new_zeros(nbytes)
+    send = torch.stack([own if p is None else p for p in payloads])
+    recv = all_to_all_bytes(send, group, session.timeout_s, f"all_to_all of {key!r}")
+    shape, dtype = tuple(chunks[0].shape), chunks[0].dtype
+    if full and session.keys[key].exchanges == 1:
+        others = torch.cat([recv[:rank], recv[rank + 1:]])
+        verify_headers(others, session, key, group, dtype, chunks[0].numel())
+    out = [chunks[j] if j == rank else
+           session.channel(key, global_rank(group, j), me).decode(recv[j], shape, dtype, full)
+           for j in range(size)]
+    return out, nbytes
+
+
+def compressed_all_to_all(x: torch.Tensor, group: Group, session: Session, key: str) -> torch.Tensor:
+    """Like :func:`~compact_hooks.collectives.plain.all_to_all`; each off-rank chunk travels as a
+    compressed residual."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    check_rows(x, size)
+    chunks = list(x.chunk(size, dim=0))
+    chunk_shape = tuple(chunks[0].shape)
+    if _steady_payload(session, chunk_shape, x.dtype) >= _nbytes(chunks[0]):
+        return _plain_instead(session, key, "all_to_all", x, group)
+    full = session.prepare(key, chunk_shape, x.dtype)
+    out, nbytes = _exchange_chunks(chunks, group, session, key, full)
+    ks = session.stats.record(key, "all_to_all", plain_bytes("all_to_all", _nbytes(x), size), (size - 1) * nbytes, full)
+    result = torch.cat(out, dim=0)
+    if session.stats.wants_error(ks):
+        session.stats.record_error(ks, result, all_to_all(x, group, session.timeout_s))
+    maybe_verify(session, key, group)
+    return result
+
+
+def reduce_chunks(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """``x`` cut into ``size`` equal 2-D chunks for the two-stage all_reduce.
+
+    Rows of the ``[T, C]`` view when they split evenly (or nearly: ``T >= 8 * size``, zero rows
+    padded at the end); otherwise the flat elements, as ``size`` chunks of ``[1, ceil(n / size)]``
+    (a ``[1, C]`` or 1-D tensor is not put on one rank with zeros everywhere else). Concatenating
+    the chunks and taking the first ``x.numel()`` elements in row-major order gives ``x`` back.
+    """
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
+    t = rows.shape[0]
+    if t % size == 0 or t >= 8 * size:
+        pad = (-t) % size
+        if pad:
+            rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
+        return list(rows.chunk(size, dim=0))
+    flat = x.reshape(-1)
+    per = -(-flat.numel() // size)
+    pad = per * size - flat.numel()
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return list(flat.view(size, 1, per).unbind(0))
+
+
+def compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: str) -> torch.Tensor:
+    """Sum over the group in two compressed stages (reduce-scatter as an all-to-all of chunks, then
+    an all-gather of each reduced chunk). Every rank returns the same reconstruction."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    chunks = reduce_chunks(x, size)
+    chunk_shape = tuple(chunks[0].shape)
+    plain = plain_bytes("all_reduce", _nbytes(x), size)
+    if 2 * (size - 1) * _steady_payload(session, chunk_shape, x.dtype) >= plain:
+        return _plain_instead(session, key, "all_reduce", x, group)
+    rank = group_rank(group)
+    key_rs, key_ag = f"{key}:reduce_scatter", f"{key}:all_gather"
+    full = session.prepare(key_rs, chunk_shape, x.dtype)
+    received, nbytes_rs = _exchange_chunks(chunks, group, session, key_rs, full)
+    reduced = received[0].float() + received[1].float()  # a new buffer: the rest adds in place
+    for part in received[2:]:
+        reduced.add_(part)
+    reduced = reduced.to(x.dtype)
+    full_ag = session.prepare(key_ag, chunk_shape, x.dtype)
+    me = global_rank(group, rank)
+    payload, own = session.channel(key_ag, me).encode(reduced, full_ag)
+    gathered = all_gather_bytes(payload, group, session.timeout_s, f"all_reduce of {key!r}")
+    _check_first(session, key_ag, gathered, full_ag, group, x.dtype, reduced.numel())
+    parts = [own if j == rank else
+             session.channel(key_ag, global_rank(group, j)).decode(gathered[j], chunk_shape, x.dtype, full_ag)
+             for j in range(size)]
+    out = torch.cat(parts).reshape(-1)[: x.numel()].reshape(x.shape)
+    ks = session.stats.record(key, "all_reduce", plain, (size - 1) * (nbytes_rs + payload.numel()), full or full_ag)
+    if session.stats.wants_error(ks):
+        session.stats.record_error(ks, out, all_reduce(x, group, session.timeout_s))
+    maybe_verify(session, key_rs, group)
+    maybe_verify(session, key_ag, group)
+    return out
+
+
+def compressed_ring_exchange(x: torch.Tensor, group: Group, session: Session, key: str) -> torch.Tensor:
+    """Like :func:`~compact_hooks.collectives.plain.ring_exchange`; the tensor travels as a
+    compressed residual."""
+    size = group_size(group)
+    if size == 1:
+        return x
+    shape = tuple(x.shape)
+    if _steady_payload(session, shape, x.dtype) >= _nbytes(x):
+        return _plain_instead(session, key, "ring_exchange", x, group)
+    rank = group_rank(group)
+    nxt, prv = global_rank(group, (rank + 1) % size), global_rank(group, (rank - 1) % size)
+    me = global_rank(group, rank)
+    full = session.prepare(key, shape, x.dtype)
+    payload, _ = session.channel(key, me, nxt).encode(x, full)
+    recv = torch.empty_like(payload)
+    exchange_ring(payload, recv, nxt, prv, group, session.timeout_s, f"ring_exchange of {key!r}")
+    _check_first(session, key, recv.unsqueeze(0), full, group, x.dtype, x.numel())
+    # a copy: the caller may change the result in place, the channel's base must not change with it
+    out = session.channel(key, prv, me).decode(recv, shape, x.dtype, full).clone()
+    ks = session.stats.record(key, "ring_exchange", plain_bytes("ring_exchange", _nbytes(x), size), payload.numel(), full)
+    if session.stats.wants_error(ks):
+        session.stats.record_error(ks, out, plain_ring_exchange(x, group, session.timeout_s))
+    maybe_verify(session, key, group)
+    return out

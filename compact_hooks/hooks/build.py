@@ -1,0 +1,27 @@
+"""build_hook: the hook a config asks for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..config import load_config
+from ..hook import CommHook
+from .compact import CompactHook
+from .plain import CastHook, PassthroughHook
+from .stale import StaleHook
+
+
+def build_hook(config: Any = None) -> CommHook:
+    """The hook a config asks for: ``hook`` selects compact, stale, passthrough or cast;
+    ``enabled: false`` gives a :class:`PassthroughHook`. Every hook waits at most the config's
+    ``timeout_s`` for a peer."""
+    cfg = load_config(config)
+    if not cfg.enabled or cfg.hook == "passthrough":
+        return PassthroughHook(cfg.timeout_s)
+    if cfg.hook == "cast":
+        return CastHook(getattr(torch, cfg.cast_dtype), cfg.timeout_s)
+    if cfg.hook == "stale":
+        return StaleHook(max(1, cfg.warmup_steps), timeout_s=cfg.timeout_s)
+    return CompactHook(cfg)
