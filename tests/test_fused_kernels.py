@@ -1,0 +1,248 @@
+"""The fused Triton codec kernels against the torch codecs and Channel: byte-identical payloads,
+bit-identical bases, lock-step streams in both pairings (fused sender -> torch receiver and torch
+sender -> fused receiver), no host reads on the fused path.
+
+Without a GPU the kernels run under Triton's interpreter on CPU tensors: this module sets
+``TRITON_INTERPRET=1`` (unless the environment says otherwise) before the kernels are first built.
+With CUDA and ``TRITON_INTERPRET=0`` (compact_hooks/kernels/gpu_check.sh) they are compiled and run
+on the GPU, under ``torch.cuda.set_sync_debug_mode("error")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import os
+import re
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import triton  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import compact_hooks.kernels as kernels  # noqa: E402
+from compact_hooks.kernels import _group_kernels, channel, dispatch, group  # noqa: E402
+from compact_hooks.registry import build_compressor  # noqa: E402
+from compact_hooks.residual import Channel  # noqa: E402
+from compact_hooks.wire import FLAGS_BYTE  # noqa: E402
+
+if dispatch.interpreting() != bool(triton.knobs.runtime.interpret):
+    importlib.reload(_group_kernels)  # built before the environment was set: build them again
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not dispatch.interpreting() else "cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FAST = settings(derandomize=True, deadline=None, max_examples=30, database=None)
+
+
+def test_kernels_really_run():
+    """On the CPU the kernels must be the interpreted Triton functions (never a silent skip)."""
+    if DEVICE.type == "cpu":
+        assert dispatch.interpreting()
+        assert type(_group_kernels.group_tile_kernel).__name__ == "InterpretedFunction"
+    assert kernels.use_fused("triton", build_compressor("int2"), DEVICE, (4, 8))
+
+
+@contextlib.contextmanager
+def no_sync():
+    """CUDA: any host synchronisation inside raises (sync debug mode). CPU: nothing to check."""
+    if DEVICE.type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def torch_channel(codec, mode: str, base_dtype) -> Channel:
+    """A Channel on the torch codecs (the reference), whatever the default dispatch is."""
+    ch = Channel(codec, mode, base_dtype)
+    if hasattr(ch, "kernels"):
+        ch.kernels = "torch"
+    return ch
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of ``t`` (NaN compares equal to the same NaN)."""
+    t = t.contiguous()
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def assert_same(a, b, what: str) -> None:
+    if a is None or b is None:
+        assert a is None and b is None, what
+        return
+    assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+    diff = (bits(a) != bits(b)).nonzero()
+    assert diff.numel() == 0, f"{what}: {diff.shape[0]} of {a.numel()} differ, first at {diff[0].tolist()}"
+
+
+def make_stream(seed: int, shape, dtype, steps: int, scale: float, zero_frac: float, bad_step: int):
+    """``steps + 1`` activations of a slowly drifting stream (step 0 is the full send): values of
+    magnitude ``scale`` (clipped into ``dtype``'s range), a fraction of exact zeros (never -0.0),
+    and NaN/+-inf entries at ``bad_step`` (-1: none)."""
+    gen = torch.Generator().manual_seed(seed)
+    limit = torch.finfo(dtype).max
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    out = []
+    for t in range(steps + 1):
+        x = x + 0.2 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        v = (x * scale).clamp(-limit, limit)
+        v = torch.where(torch.rand(shape, generator=gen) < zero_frac, 0.0, v).to(dtype)
+        v = torch.where(v == 0, torch.zeros((), dtype=dtype), v)  # no -0.0 (see docs: signed zeros)
+        if t == bad_step and v.numel():
+            flat = v.view(-1)
+            picks = torch.randint(0, flat.numel(), (3,), generator=gen)
+            flat[picks] = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=dtype)
+        out.append(v.to(DEVICE))
+    return out
+
+
+shapes = st.one_of(
+    st.tuples(st.integers(1, 6), st.integers(1, 70)),
+    st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 40)),
+    st.tuples(st.integers(1, 90)),
+    st.just(()),
+)
+scales = st.sampled_from([1.0, 1e-3, 3e4, 6.5e4, 1e30, 1e-30])
+base_dtypes = st.sampled_from([None, torch.float32, torch.float16, torch.bfloat16])
+
+
+def run_stream(name, group_size, mode, shape, dtype, base_dtype, scale, zero_frac, seed, bad_step, steps=3):
+    codec = build_compressor({"name": name, "group_size": group_size})
+    if not group.supports(codec, tuple(shape)):
+        return
+    xs = make_stream(seed, shape, dtype, steps, scale, zero_frac, bad_step)
+    ref_send, fused_send = torch_channel(codec, mode, base_dtype), torch_channel(codec, mode, base_dtype)
+    torch_recv, fused_recv = torch_channel(codec, mode, base_dtype), torch_channel(codec, mode, base_dtype)
+    first = ref_send.encode(xs[0], True)[0]
+    fused_send.encode(xs[0], True)
+    for recv in (torch_recv, fused_recv):
+        recv.decode(first, tuple(shape), dtype, True)
+    for t, x in enumerate(xs[1:], 1):
+        p_ref, r_ref = ref_send.encode(x, False)
+        with no_sync():
+            p_fused, r_fused = channel.encode(fused_send, x)
+            out_fused = channel.decode(fused_recv, p_ref, tuple(shape), dtype)
+        out_torch = torch_recv.decode(p_fused, tuple(shape), dtype, False)
+        where = f"step {t}"
+        assert_same(p_fused, p_ref, f"payload, {where}")
+        assert_same(r_fused, r_ref, f"sender reconstruction, {where}")
+        assert_same(out_fused, r_ref, f"fused receiver output, {where}")
+        assert_same(out_torch, r_ref, f"torch receiver output, {where}")
+        for attr in ("base", "velocity", "previous_x"):
+            assert_same(getattr(fused_send, attr), getattr(ref_send, attr), f"sender {attr}, {where}")
+        for attr in ("base", "velocity"):
+            assert_same(getattr(fused_recv, attr), getattr(ref_send, attr), f"fused receiver {attr}, {where}")
+            assert_same(getattr(torch_recv, attr), getattr(ref_send, attr), f"torch receiver {attr}, {where}")
+        for ch in (fused_send, fused_recv, torch_recv):
+            assert int(ch.nonfinite) == int(ref_send.nonfinite), f"non-finite count, {where}"
+
+
+@FAST
+@given(name=st.sampled_from(["int8", "int4", "int2"]), group_size=st.sampled_from([1, 2, 3, 4, 5, 8, 12, 16, 32, 128]),
+       shape=shapes, dtype=st.sampled_from(DTYPES), base_dtype=base_dtypes, scale=scales,
+       zero_frac=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 2**16), bad_step=st.sampled_from([-1, -1, 2]))
+def test_ef_stream_lock_step(name, group_size, shape, dtype, base_dtype, scale, zero_frac, seed, bad_step):
+    run_stream(name, group_size, "ef", shape, dtype, base_dtype, scale, zero_frac, seed, bad_step)
+
+
+@settings(derandomize=True, deadline=None, max_examples=24, database=None)
+@given(name=st.sampled_from(["int8", "int4", "int2"]), mode=st.sampled_from(["none", "delta", "ef2"]),
+       group_size=st.sampled_from([3, 4, 16, 128]), shape=shapes, dtype=st.sampled_from(DTYPES),
+       base_dtype=base_dtypes, scale=st.sampled_from([1.0, 6.5e4, 1e30]), seed=st.integers(0, 2**16),
+       bad_step=st.sampled_from([-1, 2]))
+def test_other_modes_lock_step(name, mode, group_size, shape, dtype, base_dtype, scale, seed, bad_step):
+    run_stream(name, group_size, mode, shape, dtype, base_dtype, scale, 0.1, seed, bad_step)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4", "int2"])
+def test_aligned_large_layout(name):
+    """The one-pass layout of real activations (``C`` a multiple of 8, groups of 128), 4 steps."""
+    run_stream(name, 128, "ef", (16, 384), torch.bfloat16, None, 1.0, 0.0, 7, -1, steps=4)
+
+
+def test_encode_step_matches_codec_encode():
+    """The payload is the torch codec's own ``encode`` of the clean residual (header included)."""
+    codec = build_compressor({"name": "int4", "group_size": 16})
+    x = torch.randn(5, 48, device=DEVICE)
+    base = torch.randn(5, 48, device=DEVICE)
+    step = group.encode_step(codec, "ef", x, base)
+    expected = codec.encode(x.float() - base.float())
+    assert_same(step.payload, expected, "payload")
+    assert step.payload[:2].tolist() == [ord("C"), ord("H")]
+    assert not bool(step.flag) and int(step.payload[FLAGS_BYTE]) == 0
+
+
+def test_flag_byte_and_nan_output():
+    codec = build_compressor("int2")
+    x = torch.randn(4, 256, device=DEVICE)
+    x[1, 3] = float("inf")
+    step = group.encode_step(codec, "ef", x, torch.zeros_like(x))
+    assert bool(step.flag) and int(step.payload[FLAGS_BYTE]) == 1
+    send = torch_channel(codec, "ef", None)
+    send.encode(torch.zeros_like(x), True)
+    _, recon = channel.encode(send, x)
+    assert torch.isnan(recon).all() and torch.isfinite(send.base).all()
+
+
+def test_decode_of_a_payload_at_an_odd_offset():
+    """A payload cut out of a gathered buffer may start at any byte."""
+    codec = build_compressor({"name": "int4", "group_size": 32})
+    x = torch.randn(3, 64, device=DEVICE)
+    base = torch.randn(3, 64, device=DEVICE)
+    payload = group.encode_step(codec, "ef", x, base).payload
+    buf = torch.zeros(payload.numel() + 1, dtype=torch.uint8, device=DEVICE)
+    buf[1:] = payload
+    out = group.decode_step(codec, "ef", buf[1:], (3, 64), torch.float32, base)
+    ref = group.decode_step(codec, "ef", payload, (3, 64), torch.float32, base)
+    assert_same(out.base, ref.base, "base")
+
+
+def test_bad_input_raises():
+    codec = build_compressor("int8")
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        group.encode_step(codec, "ef", torch.ones(4, 4, dtype=torch.int32, device=DEVICE), None)
+    with pytest.raises(ValueError, match="needs a float base"):
+        group.encode_step(codec, "ef", torch.ones(4, 4, device=DEVICE), None)
+    with pytest.raises(ValueError, match="residual mode"):
+        group.encode_step(codec, "bogus", torch.ones(4, 4, device=DEVICE), None)
+    with pytest.raises(ValueError, match="payload of"):
+        group.decode_step(codec, "ef", torch.zeros(8, dtype=torch.uint8, device=DEVICE), (4, 4),
+                          torch.float32, torch.zeros(4, 4, device=DEVICE))
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        kernels.use_fused("cuda", codec, DEVICE, (4, 4))
+
+
+def test_dispatch():
+    cpu = torch.device("cpu")
+    assert not kernels.use_fused("auto", build_compressor("int2"), cpu, (4, 8))  # auto: CPU is torch's
+    assert not kernels.use_fused("torch", build_compressor("int2"), DEVICE, (4, 8))
+    for name in ("int1", "int2cf", "fp16", "topk"):  # no kernels: the torch path, even when forced
+        assert not kernels.use_fused("triton", build_compressor(name), DEVICE, (4, 8))
+    assert not kernels.use_fused("triton", build_compressor("int2"), DEVICE, (0, 8))
+    assert not kernels.use_fused("triton", build_compressor({"name": "int8", "group_size": 20000}), DEVICE, (2, 20000))
+
+
+FUSED_SOURCES = [channel, dispatch, group, _group_kernels]
+HOST_READS = [r"\.item\(", r"\bbool\(", r"\.cpu\(", r"\.tolist\(", r"torch\.tensor\(", r"\.numpy\(",
+              r"torch\.frombuffer\(", r"\.to\(\s*[\"']cpu", r"header_tensor\(", r"\.synchronize\("]
+
+
+@pytest.mark.parametrize("module", FUSED_SOURCES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_no_host_reads_in_fused_path(module):
+    """Code inspection: the fused path never reads a device value on the host, nor copies host data
+    to the device per call (on CUDA the lock-step tests also run under sync debug mode)."""
+    source = inspect.getsource(module)
+    code = "\n".join(line.split("#", 1)[0] for line in source.splitlines())  # comments may name them
+    code = re.sub(r'"""(.|\n)*?"""', "", code)  # and so may docstrings
+    found = [p for p in HOST_READS if re.search(p, code)]
+    assert not found, f"{Path(module.__file__).name} reads device values on the host: {found}"
