@@ -183,6 +183,15 @@ def test_every_source_folder_is_a_package():
     assert not bare, f"folders with .py files but no __init__.py (setup.py would not ship them): {bare}"
 
 
+def test_architecture_file_map_lists_every_source_file():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("## File map", 1)[1].split("```")[1]
+    listed = {line.split()[0] for line in block.splitlines() if line.strip()}
+    missing = sorted(str(p.relative_to(ROOT)) for p in project_modules().values()
+                     if str(p.relative_to(ROOT)) not in listed)
+    assert not missing, f"add these files to the file map of docs/architecture.md: {missing}"
+
+
 def test_integrations_are_packages():
     modules = project_modules()
     for name in ("compact_hooks.integrations.diffusers", "compact_hooks.integrations.deepspeed"):
