@@ -28,16 +28,19 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import compact_hooks.kernels as kernels  # noqa: E402
-from compact_hooks.kernels import _group_kernels, channel, dispatch, group  # noqa: E402
+from compact_hooks.kernels import _group_kernels, _sign_kernels, channel, common, dispatch, group, sign  # noqa: E402
 from compact_hooks.registry import build_compressor  # noqa: E402
 from compact_hooks.residual import Channel  # noqa: E402
 from compact_hooks.wire import FLAGS_BYTE  # noqa: E402
 
 if dispatch.interpreting() != bool(triton.knobs.runtime.interpret):
     importlib.reload(_group_kernels)  # built before the environment was set: build them again
+    importlib.reload(_sign_kernels)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not dispatch.interpreting() else "cpu")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GROUP_CODECS = ["int8", "int4", "int2"]
+CODECS = GROUP_CODECS + ["int1", "int2cf"]
 FAST = settings(derandomize=True, deadline=None, max_examples=30, database=None)
 
 
@@ -117,8 +120,8 @@ base_dtypes = st.sampled_from([None, torch.float32, torch.float16, torch.bfloat1
 
 
 def run_stream(name, group_size, mode, shape, dtype, base_dtype, scale, zero_frac, seed, bad_step, steps=3):
-    codec = build_compressor({"name": name, "group_size": group_size})
-    if not group.supports(codec, tuple(shape)):
+    codec = build_compressor({"name": name, "group_size": group_size} if name in GROUP_CODECS else name)
+    if not kernels.supports(codec, tuple(shape)):
         return
     xs = make_stream(seed, shape, dtype, steps, scale, zero_frac, bad_step)
     ref_send, fused_send = torch_channel(codec, mode, base_dtype), torch_channel(codec, mode, base_dtype)
@@ -148,7 +151,7 @@ def run_stream(name, group_size, mode, shape, dtype, base_dtype, scale, zero_fra
 
 
 @FAST
-@given(name=st.sampled_from(["int8", "int4", "int2"]), group_size=st.sampled_from([1, 2, 3, 4, 5, 8, 12, 16, 32, 128]),
+@given(name=st.sampled_from(CODECS), group_size=st.sampled_from([1, 2, 3, 4, 5, 8, 12, 16, 32, 128]),
        shape=shapes, dtype=st.sampled_from(DTYPES), base_dtype=base_dtypes, scale=scales,
        zero_frac=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 2**16), bad_step=st.sampled_from([-1, -1, 2]))
 def test_ef_stream_lock_step(name, group_size, shape, dtype, base_dtype, scale, zero_frac, seed, bad_step):
@@ -156,7 +159,7 @@ def test_ef_stream_lock_step(name, group_size, shape, dtype, base_dtype, scale, 
 
 
 @settings(derandomize=True, deadline=None, max_examples=24, database=None)
-@given(name=st.sampled_from(["int8", "int4", "int2"]), mode=st.sampled_from(["none", "delta", "ef2"]),
+@given(name=st.sampled_from(CODECS), mode=st.sampled_from(["none", "delta", "ef2"]),
        group_size=st.sampled_from([3, 4, 16, 128]), shape=shapes, dtype=st.sampled_from(DTYPES),
        base_dtype=base_dtypes, scale=st.sampled_from([1.0, 6.5e4, 1e30]), seed=st.integers(0, 2**16),
        bad_step=st.sampled_from([-1, 2]))
@@ -164,7 +167,7 @@ def test_other_modes_lock_step(name, mode, group_size, shape, dtype, base_dtype,
     run_stream(name, group_size, mode, shape, dtype, base_dtype, scale, 0.1, seed, bad_step)
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("name", CODECS)
 def test_aligned_large_layout(name):
     """The one-pass layout of real activations (``C`` a multiple of 8, groups of 128), 4 steps."""
     run_stream(name, 128, "ef", (16, 384), torch.bfloat16, None, 1.0, 0.0, 7, -1, steps=4)
@@ -226,13 +229,13 @@ def test_dispatch():
     cpu = torch.device("cpu")
     assert not kernels.use_fused("auto", build_compressor("int2"), cpu, (4, 8))  # auto: CPU is torch's
     assert not kernels.use_fused("torch", build_compressor("int2"), DEVICE, (4, 8))
-    for name in ("int1", "int2cf", "fp16", "topk"):  # no kernels: the torch path, even when forced
+    for name in ("fp16", "topk", "nm"):  # no kernels: the torch path, even when forced
         assert not kernels.use_fused("triton", build_compressor(name), DEVICE, (4, 8))
     assert not kernels.use_fused("triton", build_compressor("int2"), DEVICE, (0, 8))
     assert not kernels.use_fused("triton", build_compressor({"name": "int8", "group_size": 20000}), DEVICE, (2, 20000))
 
 
-FUSED_SOURCES = [channel, dispatch, group, _group_kernels]
+FUSED_SOURCES = [channel, common, dispatch, group, sign, _group_kernels, _sign_kernels]
 HOST_READS = [r"\.item\(", r"\bbool\(", r"\.cpu\(", r"\.tolist\(", r"torch\.tensor\(", r"\.numpy\(",
               r"torch\.frombuffer\(", r"\.to\(\s*[\"']cpu", r"header_tensor\(", r"\.synchronize\("]
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..wire import FLAGS_BYTE
-from . import group
+from .dispatch import implementation
 
 
 def poison_if(t: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
@@ -24,8 +24,8 @@ def poison_if(t: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
 def encode(channel: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``channel.encode(x, full=False)`` on the fused kernels: ``(payload, reconstruction)``."""
     mode = channel.mode
-    step = group.encode_step(channel.compressor, mode, x,
-                             None if mode == "none" else channel.base,
+    fused = implementation(channel.compressor, tuple(x.shape))
+    step = fused.encode_step(channel.compressor, mode, x, None if mode == "none" else channel.base,
                              channel.velocity if mode == "ef2" else None,
                              channel.previous_x if mode == "delta" else None)
     if mode != "none":
@@ -43,7 +43,8 @@ def decode(channel: Any, payload: torch.Tensor, shape: tuple[int, ...], dtype: t
     mode = channel.mode
     flag = payload[FLAGS_BYTE] != 0
     channel._count(flag)
-    step = group.decode_step(channel.compressor, mode, payload, shape, dtype,
+    fused = implementation(channel.compressor, tuple(shape))
+    step = fused.decode_step(channel.compressor, mode, payload, shape, dtype,
                              None if mode == "none" else channel.base,
                              channel.velocity if mode == "ef2" else None)
     if mode != "none":

@@ -3,7 +3,7 @@
 Settings (config key ``kernels``):
 
 * ``"auto"`` (default): the fused kernels for CUDA tensors when Triton is importable and the codec
-  has kernels (``int8``, ``int4``, ``int2``); the torch codecs otherwise;
+  has kernels (``int8``, ``int4``, ``int2``, ``int1``, ``int2cf``); the torch codecs otherwise;
 * ``"torch"``: always the torch codecs (the reference);
 * ``"triton"``: the fused kernels for every codec that has them, on CUDA, or on the CPU under
   Triton's interpreter (``TRITON_INTERPRET=1`` in the environment before the kernels are first
@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from types import ModuleType
+from typing import Optional
 
 import torch
 
-from . import group
+from . import group, sign
 
 KERNEL_SETTINGS = ("auto", "torch", "triton")
 _KERNEL_MODULE = "compact_hooks.kernels._group_kernels"
@@ -39,6 +41,20 @@ def interpreting() -> bool:
     return triton.knobs.runtime.interpret
 
 
+def implementation(compressor: object, shape: tuple[int, ...]) -> Optional[ModuleType]:
+    """The module with fused steps (``encode_step``, ``decode_step``) for ``compressor`` on tensors
+    of ``shape``, or ``None`` (the torch path)."""
+    for module in (group, sign):
+        if module.supports(compressor, tuple(shape)):
+            return module
+    return None
+
+
+def supports(compressor: object, shape: tuple[int, ...]) -> bool:
+    """Whether fused kernels exist for ``compressor`` on tensors of ``shape``."""
+    return implementation(compressor, shape) is not None
+
+
 def check_setting(setting: str) -> str:
     if setting not in KERNEL_SETTINGS:
         raise ValueError(f"kernels must be one of {', '.join(KERNEL_SETTINGS)}; got {setting!r}")
@@ -47,7 +63,7 @@ def check_setting(setting: str) -> str:
 
 def use_fused(setting: str, compressor: object, device: torch.device, shape: tuple[int, ...]) -> bool:
     """Whether a compressed (not full) step of a stream of ``shape`` on ``device`` takes the fused path."""
-    if check_setting(setting) == "torch" or not group.supports(compressor, tuple(shape)):
+    if check_setting(setting) == "torch" or not supports(compressor, shape):
         return False
     if setting == "auto":
         return device.type == "cuda" and triton_available() and not interpreting()
