@@ -9,6 +9,8 @@ Example block::
         "warmup_steps": 1,
         "collectives": ["all_to_all", "all_gather", "all_reduce"],
         "base_dtype": "input",
+        "warmup_compressor": null,
+        "rules": [],
         "stats": {"enabled": true}
     }
 """
@@ -19,11 +21,12 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .policy import Rule
 from .registry import build_compressor
 
 BLOCK = "compact_hooks"
@@ -59,6 +62,8 @@ class CompactConfig(_Block):
     cast_dtype: Literal["float16", "bfloat16"] = "bfloat16"
     verify_every: int = Field(0, ge=0)
     timeout_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
+    warmup_compressor: Optional[Union[str, dict[str, Any]]] = None
+    rules: list[Rule] = Field(default_factory=list)
 
     @field_validator("timeout_s", mode="before")
     @classmethod
@@ -74,6 +79,13 @@ class CompactConfig(_Block):
         build_compressor(value)  # raises ConfigError naming compressor.<param>
         return value
 
+    @field_validator("warmup_compressor", mode="before")
+    @classmethod
+    def _warmup_compressor_builds(cls, value: Any) -> Any:
+        if value is not None:
+            build_compressor(value)
+        return value
+
     @field_validator("collectives")
     @classmethod
     def _no_duplicates(cls, value: list[str]) -> list[str]:
@@ -83,6 +95,10 @@ class CompactConfig(_Block):
 
     def build_compressor(self):
         return build_compressor(self.compressor)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "CompactConfig":
+        """These settings with some replaced (a rule's codec settings), and no rules."""
+        return self.model_copy(update={**dict(overrides), "rules": []})
 
 
 def _key_path(loc: tuple[Any, ...], last_is_key: bool = False) -> str:
@@ -114,8 +130,11 @@ def parse_block(block: Any) -> CompactConfig:
     except ValidationError as exc:
         err = exc.errors()[0]
         ctx_error = (err.get("ctx") or {}).get("error")
-        if isinstance(ctx_error, ConfigError):
-            raise ConfigError(f"{BLOCK}.{ctx_error.key_path}", str(ctx_error).split(": ", 1)[1]) from None
+        if isinstance(ctx_error, ConfigError):  # a codec's own error: its path below the field that holds it
+            loc = tuple(p for p in err["loc"] if not str(p).startswith(("function-", "union[")))
+            tail = ctx_error.key_path.split(".", 1)[1:] if "." in ctx_error.key_path else []
+            where = _key_path(loc) if loc else f"{BLOCK}.{ctx_error.key_path.split('.', 1)[0]}"
+            raise ConfigError(".".join([where, *tail]), str(ctx_error).split(": ", 1)[1]) from None
         path = _key_path(tuple(p for p in err["loc"] if not str(p).startswith(("function-", "union["))),
                          last_is_key=err["type"] == "invalid_key")
         message = err["msg"]

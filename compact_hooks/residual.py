@@ -11,8 +11,11 @@ Modes: ``none`` compresses ``x`` itself; ``delta`` sends ``x_t - x_{t-1}`` (the 
 previous ``x``: no error feedback, the error accumulates); ``ef`` (default) predicts ``base``;
 ``ef2`` predicts ``base + (base - previous base)``.
 
-Full sends (the tensor's own bytes) happen on the first ``warmup_steps`` exchanges of a key in each
-request, after a shape or dtype change of the key, and after a resync. Non-finite values never
+Full sends happen on the first ``warmup_steps`` exchanges of a key in each request (always the first
+one), after a shape or dtype change of the key, and after a resync. A full send carries the tensor's
+own bytes, or, with a ``warmup`` codec, that codec's lossy encoding of the tensor itself; then every
+side sets its base to the *decoded* tensor, so error feedback corrects the warm-up error in the
+following steps. Non-finite values never
 enter a base: the sender zeroes them in the residual and sets a flag in the payload header; every
 side updates its base from the clean residual, and receivers return NaN for a flagged tensor, so
 the user's NaN stays visible for that step and later steps are normal again.
@@ -28,6 +31,7 @@ import torch
 
 from .compressors.base import Compressor
 from .config import CompactConfig, load_config
+from .registry import build_compressor
 from .stats import Stats
 from .wire import FLAGS_BYTE, decode_raw, raw_nbytes
 
@@ -43,6 +47,7 @@ class Channel:
     compressor: Compressor
     mode: str
     base_dtype: Optional[torch.dtype]  # None: the input's dtype
+    warmup: Optional[Compressor] = None  # full sends: None = the tensor's own bytes
     base: Optional[torch.Tensor] = None
     velocity: Optional[torch.Tensor] = None  # ef2
     previous_x: Optional[torch.Tensor] = None  # delta, sender side
@@ -95,6 +100,8 @@ class Channel:
         return NaN for the whole tensor (never a silently finite wrong value) while every base
         stays finite, so the next step is back to normal.
         """
+        if full and self.warmup is not None:
+            return self._encode_warmup(x)
         if full:
             payload = self.compressor.encode_raw(x.contiguous())
             self._set_full(x)
@@ -111,6 +118,8 @@ class Channel:
                 self.previous_x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
             else:
                 residual = x.float() - self._predict()
+            if self.compressor.wants_activation_norm:
+                self.codec_state["activation_norm"] = torch.linalg.vector_norm(x.float())
             clean, flag = _clean(residual, owned=True)
             payload = self.compressor.encode(clean, self.codec_state)
             recon = self._update(self.compressor.decode(payload, clean.shape, clean.dtype), x.dtype)
@@ -118,9 +127,32 @@ class Channel:
         self._count(flag)
         return payload, _poison_if(recon, flag)
 
+    def _encode_warmup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A lossy full send: the warm-up codec encodes ``x`` itself; the base is the decoded tensor."""
+        clean, flag = _clean(x, owned=False)
+        payload = self.warmup.encode(clean)
+        payload[FLAGS_BYTE] = flag.to(torch.uint8)
+        decoded = self._set_warmup_base(payload, tuple(x.shape), x.dtype, flag)
+        if self.mode == "delta":
+            self.previous_x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        return payload, _poison_if(decoded, flag)
+
+    def _set_warmup_base(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                         flag: torch.Tensor) -> torch.Tensor:
+        decoded = self.warmup.decode(payload, shape, dtype)
+        self._count(flag)
+        if self.mode != "none":
+            self.base = self._store(decoded, dtype, owned=False)
+            self.velocity = None
+            self.codec_state.clear()
+        return decoded
+
     # -- receiver --------------------------------------------------------------------------------
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, full: bool) -> torch.Tensor:
         """Decode a payload of this stream; return the reconstruction."""
+        if full and self.warmup is not None:
+            flag = payload[FLAGS_BYTE] != 0
+            return _poison_if(self._set_warmup_base(payload, shape, dtype, flag), flag)
         if full:
             x = decode_raw(payload, shape, dtype)
             self._set_full(x)
@@ -220,7 +252,7 @@ class Session:
 
     def __init__(self, compressor: Compressor, mode: str = "ef", warmup_steps: int = 1,
                  base_dtype: str = "input", stats: Optional[Stats] = None, verify_every: int = 0,
-                 timeout_s: Optional[float] = None) -> None:
+                 timeout_s: Optional[float] = None, warmup_compressor: Optional[Compressor] = None) -> None:
         if mode not in MODES:
             raise ValueError(f"residual mode must be one of {', '.join(MODES)}; got {mode!r}")
         if warmup_steps < 0:
@@ -230,6 +262,7 @@ class Session:
         if verify_every < 0:
             raise ValueError(f"verify_every must be >= 0; got {verify_every}")
         self.compressor = compressor
+        self.warmup_compressor = warmup_compressor
         self.mode = mode
         self.verify_every = verify_every
         self.timeout_s = timeout_s
@@ -245,13 +278,19 @@ class Session:
     @classmethod
     def from_config(cls, config: Any = None) -> "Session":
         cfg: CompactConfig = load_config(config)
-        return cls(cfg.build_compressor(), cfg.residual, cfg.warmup_steps, cfg.base_dtype,
-                   Stats(enabled=cfg.stats.enabled, error_every=cfg.stats.error_every),
-                   cfg.verify_every, cfg.timeout_s)
+        return cls.from_settings(cfg, Stats(enabled=cfg.stats.enabled, error_every=cfg.stats.error_every))
+
+    @classmethod
+    def from_settings(cls, cfg: CompactConfig, stats: Stats) -> "Session":
+        """A session with ``cfg``'s codec settings that counts into ``stats`` (shared by a hook's sessions)."""
+        warmup = build_compressor(cfg.warmup_compressor) if cfg.warmup_compressor is not None else None
+        return cls(cfg.build_compressor(), cfg.residual, cfg.warmup_steps, cfg.base_dtype, stats,
+                   cfg.verify_every, cfg.timeout_s, warmup)
 
     def settings(self) -> dict[str, Any]:
         """What every rank of a group must agree on."""
         return {"compressor": self.compressor.spec(), "residual": self.mode, "warmup_steps": self.warmup_steps,
+                "warmup_compressor": self.warmup_compressor.spec() if self.warmup_compressor else None,
                 "base_dtype": str(self.base_dtype) if self.base_dtype else "input",
                 # both add collectives (base checksums, exact references): a mismatch would pair
                 # unrelated collectives across ranks
@@ -321,8 +360,13 @@ class Session:
         state = self.keys[key]
         ch = state.channels.get((src, dst))
         if ch is None:
-            ch = state.channels[(src, dst)] = Channel(self.compressor, self.mode, self.base_dtype)
+            ch = state.channels[(src, dst)] = Channel(self.compressor, self.mode, self.base_dtype, self.warmup_compressor)
         return ch
+
+    @property
+    def full_fingerprint(self) -> int:
+        """The fingerprint in the header of a full send (the warm-up codec's, if one is set)."""
+        return (self.warmup_compressor or self.compressor).fingerprint
 
     def is_lossless(self, dtype: torch.dtype) -> bool:
         return self.compressor.is_lossless(dtype)
@@ -335,6 +379,8 @@ class Session:
 
     def payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype, full: bool) -> int:
         """Bytes of one payload of a stream of ``shape``/``dtype``."""
+        if full and self.warmup_compressor is not None:
+            return self.warmup_compressor.payload_nbytes(shape, dtype)
         if full:
             return raw_nbytes(int(torch.Size(shape).numel()), dtype)
         if self.mode != "none" and not self.is_lossless(dtype):

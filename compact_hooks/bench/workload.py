@@ -7,7 +7,7 @@ and reports the relative error of every step.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -38,9 +38,10 @@ def rel_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def walk_error(codec: Compressor, shape: tuple[int, ...], dtype: torch.dtype, steps: int, mode: str = "ef",
-               device: str = "cpu") -> list[float]:
-    """Per-step relative error of one stream (full send on step 0, then residuals) under ``mode``."""
-    channel = Channel(codec, mode, None)
+               device: str = "cpu", warmup: Optional[Compressor] = None) -> list[float]:
+    """Per-step relative error of one stream (full send on step 0, lossy with a ``warmup`` codec,
+    then residuals) under ``mode``."""
+    channel = Channel(codec, mode, None, warmup)
     errors = []
     for t, x in enumerate(activation_walk(shape, steps, dtype, device=device)):
         _, recon = channel.encode(x, full=(t == 0 and mode != "none"))

@@ -6,6 +6,9 @@ always :func:`~compact_hooks.collectives.plain.plain_bytes` of the op and tensor
 collective would send), ``wire`` the payload bytes really sent. When the steady-state payloads
 of a call would not be smaller than the plain collective (tiny tensors, where headers and scales
 dominate), the call takes the plain collective instead: compression never sends more than plain.
+
+Codecs whose payload length varies per call (``variable_size``, e.g. ``auto``) exchange lengths
+first (8 bytes per payload, counted in ``wire``) and then send exactly the payload bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +19,16 @@ from ..residual import Session
 from .plain import all_gather, all_reduce, all_to_all, check_rows, global_rank, group_rank, group_size, plain_bytes
 from .plain import ring_exchange as plain_ring_exchange
 from .protocol import maybe_verify, verify_headers
-from .transport import Group, all_gather_bytes, all_to_all_bytes, exchange_ring
+from .transport import (
+    SIZE_NBYTES,
+    Group,
+    all_gather_bytes,
+    all_gather_varlen,
+    all_to_all_bytes,
+    all_to_all_varlen,
+    exchange_ring,
+    exchange_ring_varlen,
+)
 
 
 def _nbytes(x: torch.Tensor) -> int:
@@ -60,12 +72,16 @@ def compressed_all_gather(x: torch.Tensor, group: Group, session: Session, key: 
     rank = group_rank(group)
     full = session.prepare(key, shape, x.dtype)
     payload, _ = session.channel(key, global_rank(group, rank)).encode(x, full)
-    gathered = all_gather_bytes(payload, group, session.timeout_s, f"all_gather of {key!r}")
-    _check_first(session, key, gathered, full, group, x.dtype, x.numel())
+    what = f"all_gather of {key!r}"
+    if session.compressor.variable_size and not full:
+        gathered, sent = all_gather_varlen(payload, group, session.timeout_s, what), SIZE_NBYTES
+    else:
+        gathered, sent = all_gather_bytes(payload, group, session.timeout_s, what), 0
+        _check_first(session, key, gathered, full, group, x.dtype, x.numel())
     parts = [x if j == rank else session.channel(key, global_rank(group, j)).decode(gathered[j], shape, x.dtype, full)
              for j in range(size)]
     ks = session.stats.record(key, "all_gather", plain_bytes("all_gather", _nbytes(x), size),
-                              (size - 1) * payload.numel(), full)
+                              (size - 1) * (payload.numel() + sent), full)
     out = torch.cat(parts, dim=dim)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, out, all_gather(x, group, dim, session.timeout_s))
@@ -76,24 +92,29 @@ def compressed_all_gather(x: torch.Tensor, group: Group, session: Session, key: 
 def _exchange_chunks(chunks: list[torch.Tensor], group: Group, session: Session, key: str,
                      full: bool) -> tuple[list[torch.Tensor], int]:
     """Send ``chunks[j]`` to rank ``j`` as compressed residuals; return the received chunks
-    (own chunk exact) and the payload size."""
+    (own chunk exact) and the bytes this rank sent."""
     size = group_size(group)
     rank = group_rank(group)
     me = global_rank(group, rank)
     payloads = [None if j == rank else session.channel(key, me, global_rank(group, j)).encode(chunk, full)[0]
                 for j, chunk in enumerate(chunks)]
-    nbytes = next(p.numel() for p in payloads if p is not None)
-    own = payloads[(rank + 1) % size].new_zeros(nbytes)
-    send = torch.stack([own if p is None else p for p in payloads])
-    recv = all_to_all_bytes(send, group, session.timeout_s, f"all_to_all of {key!r}")
     shape, dtype = tuple(chunks[0].shape), chunks[0].dtype
-    if full and session.keys[key].exchanges == 1:
-        others = torch.cat([recv[:rank], recv[rank + 1:]])
-        verify_headers(others, session, key, group, dtype, chunks[0].numel())
+    what = f"all_to_all of {key!r}"
+    if session.compressor.variable_size and not full:
+        recv = all_to_all_varlen(payloads, group, session.timeout_s, what)
+        sent = sum(p.numel() + SIZE_NBYTES for p in payloads if p is not None)
+    else:
+        nbytes = next(p.numel() for p in payloads if p is not None)
+        own = payloads[(rank + 1) % size].new_zeros(nbytes)
+        recv = all_to_all_bytes(torch.stack([own if p is None else p for p in payloads]), group, session.timeout_s, what)
+        sent = (size - 1) * nbytes
+        if full and session.keys[key].exchanges == 1:
+            others = torch.cat([recv[:rank], recv[rank + 1:]])
+            verify_headers(others, session, key, group, dtype, chunks[0].numel())
     out = [chunks[j] if j == rank else
            session.channel(key, global_rank(group, j), me).decode(recv[j], shape, dtype, full)
            for j in range(size)]
-    return out, nbytes
+    return out, sent
 
 
 def compressed_all_to_all(x: torch.Tensor, group: Group, session: Session, key: str) -> torch.Tensor:
@@ -108,8 +129,8 @@ def compressed_all_to_all(x: torch.Tensor, group: Group, session: Session, key: 
     if _steady_payload(session, chunk_shape, x.dtype) >= _nbytes(chunks[0]):
         return _plain_instead(session, key, "all_to_all", x, group)
     full = session.prepare(key, chunk_shape, x.dtype)
-    out, nbytes = _exchange_chunks(chunks, group, session, key, full)
-    ks = session.stats.record(key, "all_to_all", plain_bytes("all_to_all", _nbytes(x), size), (size - 1) * nbytes, full)
+    out, sent = _exchange_chunks(chunks, group, session, key, full)
+    ks = session.stats.record(key, "all_to_all", plain_bytes("all_to_all", _nbytes(x), size), sent, full)
     result = torch.cat(out, dim=0)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, result, all_to_all(x, group, session.timeout_s))
@@ -154,7 +175,7 @@ def compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: 
     rank = group_rank(group)
     key_rs, key_ag = f"{key}:reduce_scatter", f"{key}:all_gather"
     full = session.prepare(key_rs, chunk_shape, x.dtype)
-    received, nbytes_rs = _exchange_chunks(chunks, group, session, key_rs, full)
+    received, sent_rs = _exchange_chunks(chunks, group, session, key_rs, full)
     reduced = received[0].float() + received[1].float()  # a new buffer: the rest adds in place
     for part in received[2:]:
         reduced.add_(part)
@@ -162,13 +183,18 @@ def compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: 
     full_ag = session.prepare(key_ag, chunk_shape, x.dtype)
     me = global_rank(group, rank)
     payload, own = session.channel(key_ag, me).encode(reduced, full_ag)
-    gathered = all_gather_bytes(payload, group, session.timeout_s, f"all_reduce of {key!r}")
-    _check_first(session, key_ag, gathered, full_ag, group, x.dtype, reduced.numel())
+    what = f"all_reduce of {key!r}"
+    if session.compressor.variable_size and not full_ag:
+        gathered, sent_ag = all_gather_varlen(payload, group, session.timeout_s, what), SIZE_NBYTES
+    else:
+        gathered, sent_ag = all_gather_bytes(payload, group, session.timeout_s, what), 0
+        _check_first(session, key_ag, gathered, full_ag, group, x.dtype, reduced.numel())
     parts = [own if j == rank else
              session.channel(key_ag, global_rank(group, j)).decode(gathered[j], chunk_shape, x.dtype, full_ag)
              for j in range(size)]
     out = torch.cat(parts).reshape(-1)[: x.numel()].reshape(x.shape)
-    ks = session.stats.record(key, "all_reduce", plain, (size - 1) * (nbytes_rs + payload.numel()), full or full_ag)
+    ks = session.stats.record(key, "all_reduce", plain, sent_rs + (size - 1) * (payload.numel() + sent_ag),
+                              full or full_ag)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, out, all_reduce(x, group, session.timeout_s))
     maybe_verify(session, key_rs, group)
@@ -190,12 +216,17 @@ def compressed_ring_exchange(x: torch.Tensor, group: Group, session: Session, ke
     me = global_rank(group, rank)
     full = session.prepare(key, shape, x.dtype)
     payload, _ = session.channel(key, me, nxt).encode(x, full)
-    recv = torch.empty_like(payload)
-    exchange_ring(payload, recv, nxt, prv, group, session.timeout_s, f"ring_exchange of {key!r}")
-    _check_first(session, key, recv.unsqueeze(0), full, group, x.dtype, x.numel())
+    what, sent = f"ring_exchange of {key!r}", payload.numel()
+    if session.compressor.variable_size and not full:
+        recv = exchange_ring_varlen(payload, nxt, prv, group, session.timeout_s, what)
+        sent += SIZE_NBYTES
+    else:
+        recv = torch.empty_like(payload)
+        exchange_ring(payload, recv, nxt, prv, group, session.timeout_s, what)
+        _check_first(session, key, recv.unsqueeze(0), full, group, x.dtype, x.numel())
     # a copy: the caller may change the result in place, the channel's base must not change with it
     out = session.channel(key, prv, me).decode(recv, shape, x.dtype, full).clone()
-    ks = session.stats.record(key, "ring_exchange", plain_bytes("ring_exchange", _nbytes(x), size), payload.numel(), full)
+    ks = session.stats.record(key, "ring_exchange", plain_bytes("ring_exchange", _nbytes(x), size), sent, full)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, out, plain_ring_exchange(x, group, session.timeout_s))
     maybe_verify(session, key, group)

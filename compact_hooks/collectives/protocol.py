@@ -3,6 +3,7 @@ periodic base checksums. Each raises or repairs before a mismatch can corrupt a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, Optional
 
@@ -25,10 +26,11 @@ def verify_headers(payloads: torch.Tensor, session: Session, key: str, group: Gr
     headers = payloads.reshape(payloads.shape[0], -1)[:, :HEADER_NBYTES].cpu()  # one host copy for all rows
     for row in headers:
         header = parse_header(row)
-        if header.version != WIRE_VERSION or header.fingerprint != session.compressor.fingerprint:
+        codec = session.warmup_compressor or session.compressor  # first exchanges are full sends
+        if header.version != WIRE_VERSION or header.fingerprint != codec.fingerprint:
             raise ProtocolError(
                 f"ranks disagree on the wire format of {key!r}: this rank uses wire v{WIRE_VERSION} with "
-                f"{session.compressor.spec()} (fingerprint {session.compressor.fingerprint:#010x}); a peer sent "
+                f"{codec.spec()} (fingerprint {codec.fingerprint:#010x}); a peer sent "
                 f"wire v{header.version} with fingerprint {header.fingerprint:#010x}. Give every rank the same "
                 "\"compact_hooks\" config and compact-hooks version."
             )
@@ -51,8 +53,9 @@ def agree_on_settings(session: Session, group: Group, extra: Optional[dict[str, 
     if ranks in session.checked_groups:
         return
     mine = json.dumps({"wire": WIRE_VERSION, **session.settings(), **(extra or {})}, sort_keys=True).encode()
-    if len(mine) > SETTINGS_NBYTES:
-        mine = mine[: SETTINGS_NBYTES - 16] + b"...(truncated)"
+    if len(mine) > SETTINGS_NBYTES:  # long rules: a digest of the whole text still tells any difference
+        digest = hashlib.sha1(mine).hexdigest().encode()
+        mine = mine[: SETTINGS_NBYTES - 64] + b"...(truncated; sha1 " + digest + b")"
     buf = torch.zeros(SETTINGS_NBYTES, dtype=torch.uint8)
     buf[: len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
     gathered = all_gather_bytes(buf.to(device_of(group)), group, session.timeout_s, "the settings handshake").cpu()

@@ -109,3 +109,61 @@ def exchange_ring(send: torch.Tensor, recv: torch.Tensor, next_rank: int, prev_r
         works = dist.batch_isend_irecv(ops)
     for work in works:
         wait(work, timeout_s, what)
+
+
+# -- payloads of varying length (adaptive codecs): sizes first, then exactly the bytes -----------
+SIZE_NBYTES = 8  # one int64 length per payload, counted in the wire bytes
+
+
+def _lengths(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64).to(device)
+
+
+def all_gather_varlen(payload: torch.Tensor, group: Group, timeout_s: Optional[float], what: str) -> list[torch.Tensor]:
+    """Every rank's payload (lengths may differ), own one included, in rank order. The lengths
+    are gathered first (one host read); then each rank sends its payload once to every peer."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    lengths = torch.empty(size, dtype=torch.int64, device=payload.device)
+    all_gather_into(lengths, _lengths([payload.numel()], payload.device), group, timeout_s, f"{what} (sizes)")
+    counts = lengths.tolist()
+    send = payload.repeat(size - 1)
+    in_splits = [0 if j == rank else payload.numel() for j in range(size)]
+    out_splits = [0 if j == rank else counts[j] for j in range(size)]
+    out = torch.empty(sum(out_splits), dtype=payload.dtype, device=payload.device)
+    run_and_wait(lambda: dist.all_to_all_single(out, send, out_splits, in_splits, group=group, async_op=True),
+                 group, timeout_s, what)
+    parts = list(out.split(out_splits))
+    parts[rank] = payload
+    return parts
+
+
+def all_to_all_varlen(payloads: list[Optional[torch.Tensor]], group: Group, timeout_s: Optional[float],
+                      what: str) -> list[Optional[torch.Tensor]]:
+    """``payloads[j]`` (any length; ``None`` for this rank) goes to rank ``j``; returns what each
+    rank sent here (``None`` at this rank). Lengths are exchanged first (one host read)."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    device = next(p.device for p in payloads if p is not None)
+    in_splits = [0 if p is None else p.numel() for p in payloads]
+    lengths = torch.empty(size, dtype=torch.int64, device=device)
+    sent = _lengths(in_splits, device)
+    run_and_wait(lambda: dist.all_to_all_single(lengths, sent, group=group, async_op=True), group, timeout_s,
+                 f"{what} (sizes)")
+    out_splits = lengths.tolist()
+    send = torch.cat([p for p in payloads if p is not None])
+    out = torch.empty(sum(out_splits), dtype=send.dtype, device=device)
+    run_and_wait(lambda: dist.all_to_all_single(out, send, out_splits, in_splits, group=group, async_op=True),
+                 group, timeout_s, what)
+    received: list[Optional[torch.Tensor]] = list(out.split(out_splits))
+    received[rank] = None
+    return received
+
+
+def exchange_ring_varlen(send: torch.Tensor, next_rank: int, prev_rank: int, group: Group,
+                         timeout_s: Optional[float], what: str) -> torch.Tensor:
+    """Send ``send`` (any length) to ``next_rank``; return what ``prev_rank`` sent (length first)."""
+    length = torch.empty(1, dtype=torch.int64, device=send.device)
+    exchange_ring(_lengths([send.numel()], send.device), length, next_rank, prev_rank, group, timeout_s,
+                  f"{what} (sizes)")
+    recv = torch.empty(int(length.item()), dtype=send.dtype, device=send.device)
+    exchange_ring(send, recv, next_rank, prev_rank, group, timeout_s, what)
+    return recv

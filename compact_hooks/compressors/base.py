@@ -34,7 +34,8 @@ class Compressor(ABC):
     ``ValueError`` naming the parameter). Capabilities are declared as class attributes:
 
     * ``summable``: payload bodies are plain numbers that ``all_reduce`` may add (casts only);
-    * ``lossless_dtypes``: input dtypes for which ``decode(encode(x))`` equals ``x`` bit for bit.
+    * ``lossless_dtypes``: input dtypes for which ``decode(encode(x))`` equals ``x`` bit for bit;
+    * ``variable_size``: payload lengths vary per call (then ``payload_nbytes`` is an upper bound).
 
     A codec that wants per-stream state (a warm-start basis) receives the channel's ``state`` dict
     in ``encode``; the codec itself holds none, apart from :attr:`device_cache` (headers and
@@ -44,6 +45,10 @@ class Compressor(ABC):
     name: ClassVar[str] = ""
     summable: ClassVar[bool] = False
     lossless_dtypes: ClassVar[frozenset[torch.dtype]] = frozenset()
+    # payload length varies per call (``payload_nbytes`` is then an upper bound): collectives exchange sizes
+    variable_size: ClassVar[bool] = False
+    # the channel puts the activation's norm into ``state["activation_norm"]`` before encoding a residual
+    wants_activation_norm: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._fingerprint = spec_fingerprint(self.spec())

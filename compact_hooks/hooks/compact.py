@@ -9,6 +9,7 @@ import torch
 from .. import collectives as C
 from ..config import CompactConfig, load_config
 from ..hook import CollectiveCall, CommHook, plain_collective
+from ..policy import CallSite, first_match, rules_fingerprint
 from ..residual import Session
 from ..wire import FLOAT_DTYPES
 
@@ -26,17 +27,21 @@ class CompactHook(CommHook):
         self.config: CompactConfig = load_config(config)
         self.session = session if session is not None else Session.from_config(self.config)
         self.collectives = frozenset(self.config.collectives)
+        self.rule_sessions: dict[int, Session] = {}  # rule index -> its session (sharing the stats)
+        self._handshake = {"collectives": sorted(self.collectives)}
+        if self.config.rules:
+            self._handshake["rules"] = rules_fingerprint(self.config.rules)
 
     def __call__(self, call: CollectiveCall) -> torch.Tensor:
         x = call.tensor
-        session = self.session
         if C.group_size(call.group) == 1:
             return x
-        key = call.key if call.key is not None else session.auto_key(call.op)
+        key = call.key if call.key is not None else self.session.auto_key(call.op)
         # before the plain path too: ranks that disagree on which ops they compress would pair a
         # compressed collective with a plain one
-        C.agree_on_settings(session, call.group, {"collectives": sorted(self.collectives)})
-        if (call.op not in self.collectives or not x.is_floating_point() or x.numel() == 0
+        C.agree_on_settings(self.session, call.group, self._handshake)
+        session = self.session_for(key, call.op, C.group_size(call.group))
+        if (session is None or call.op not in self.collectives or not x.is_floating_point() or x.numel() == 0
                 or x.dtype not in FLOAT_DTYPES or session.is_lossless(x.dtype)):
             return self._plain(call, key)
         if call.op == "all_gather":
@@ -48,37 +53,64 @@ class CompactHook(CommHook):
                 wire_dtype = getattr(session.compressor, "wire_dtype", x.dtype)
                 if torch.empty((), dtype=wire_dtype).element_size() >= x.element_size():
                     return self._plain(call, key)  # a cast that is not smaller: plain and exact
-                return self._summable_all_reduce(call, key)
+                return self._summable_all_reduce(call, key, session)
             return C.compressed_all_reduce(x, call.group, session, key)
         return C.compressed_ring_exchange(x, call.group, session, key)
+
+    def session_for(self, key: str, op: str, group_size: int, link: Optional[str] = None) -> Optional[Session]:
+        """The session whose settings apply to a call site (the first matching rule's, else the
+        defaults); ``None`` for a call a rule sends plain."""
+        index = first_match(self.config.rules, CallSite(key, op, group_size, link)) if self.config.rules else None
+        if index is None:
+            return self.session
+        rule = self.config.rules[index]
+        if rule.plain:
+            return None
+        session = self.rule_sessions.get(index)
+        if session is None:
+            session = Session.from_settings(self.config.with_overrides(rule.overrides()), self.session.stats)
+            session.request, session.step = self.session.request, self.session.step
+            self.rule_sessions[index] = session
+        return session
+
+    def sessions(self) -> list[Session]:
+        """The default session and every rule's."""
+        return [self.session, *self.rule_sessions.values()]
 
     def _plain(self, call: CollectiveCall, key: str) -> torch.Tensor:
         sent = C.plain_bytes(call.op, call.tensor.numel() * call.tensor.element_size(), C.group_size(call.group))
         self.session.stats.record(key, call.op, sent, sent, True)
         return plain_collective(call, self.session.timeout_s)
 
-    def _summable_all_reduce(self, call: CollectiveCall, key: str) -> torch.Tensor:
+    def _summable_all_reduce(self, call: CollectiveCall, key: str, session: Session) -> torch.Tensor:
         """Lossless casts are summed by ``all_reduce`` in the wire dtype."""
         x = call.tensor
-        wire = x.to(getattr(self.session.compressor, "wire_dtype", x.dtype), memory_format=torch.contiguous_format,
+        wire = x.to(getattr(session.compressor, "wire_dtype", x.dtype), memory_format=torch.contiguous_format,
                     copy=True)
         size = C.group_size(call.group)
-        self.session.stats.record(key, "all_reduce", C.plain_bytes("all_reduce", x.numel() * x.element_size(), size),
-                                  C.plain_bytes("all_reduce", wire.numel() * wire.element_size(), size), False)
-        return C.all_reduce_(wire, call.group, self.session.timeout_s).to(x.dtype)
+        session.stats.record(key, "all_reduce", C.plain_bytes("all_reduce", x.numel() * x.element_size(), size),
+                             C.plain_bytes("all_reduce", wire.numel() * wire.element_size(), size), False)
+        return C.all_reduce_(wire, call.group, session.timeout_s).to(x.dtype)
 
     def begin_request(self) -> None:
-        self.session.begin_request()
+        for session in self.sessions():
+            session.begin_request()
 
     def next_step(self) -> None:
-        self.session.next_step()
+        for session in self.sessions():
+            session.next_step()
 
     def reset(self) -> None:
-        self.session.reset()
+        for session in self.sessions():
+            session.reset()
 
     def stats(self) -> dict[str, Any]:
+        sessions = self.sessions()
         out = self.session.stats.as_dict()
         out.update(hook="compact", compressor=self.session.compressor.spec(), residual=self.session.mode,
                    steps=self.session.step, requests=self.session.request,
-                   memory_bytes=self.session.memory_bytes(), nonfinite=self.session.nonfinite())
+                   memory_bytes=sum(s.memory_bytes() for s in sessions),
+                   nonfinite=self.session.nonfinite() + sum(s.nonfinite() - s.stats.nonfinite for s in sessions[1:]))
+        if self.config.rules:
+            out["rules"] = {str(i): s.compressor.spec() for i, s in self.rule_sessions.items()}
         return out
