@@ -63,6 +63,7 @@ class CompactConfig(_Block):
     verify_every: int = Field(0, ge=0)
     timeout_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
     warmup_compressor: Optional[Union[str, dict[str, Any]]] = None
+    kernels: Literal["auto", "torch", "triton"] = "auto"  # see compact_hooks/kernels/dispatch.py
     rules: list[Rule] = Field(default_factory=list)
 
     @field_validator("timeout_s", mode="before")

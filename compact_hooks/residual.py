@@ -31,6 +31,7 @@ import torch
 
 from .compressors.base import Compressor
 from .config import CompactConfig, load_config
+from .kernels import channel_decode, channel_encode, check_setting, use_fused
 from .registry import build_compressor
 from .stats import Stats
 from .wire import FLAGS_BYTE, decode_raw, raw_nbytes
@@ -53,6 +54,7 @@ class Channel:
     previous_x: Optional[torch.Tensor] = None  # delta, sender side
     codec_state: dict[str, Any] = field(default_factory=dict)
     nonfinite: Optional[torch.Tensor] = None  # device counter, read by stats
+    kernels: str = "auto"  # compressed steps on the fused kernels? see compact_hooks.kernels.dispatch
 
     # -- shared ----------------------------------------------------------------------------------
     def _store(self, t: torch.Tensor, input_dtype: torch.dtype, owned: bool = True) -> torch.Tensor:
@@ -78,6 +80,10 @@ class Channel:
         self.base = self._store(clean, x.dtype, owned=clean is not x)
         self.velocity = None
         self.codec_state.clear()
+
+    def _fused(self, device: torch.device, shape: tuple[int, ...]) -> bool:
+        """Whether a compressed step runs on the fused kernels (the same bytes and bases as the torch code)."""
+        return self.kernels != "torch" and use_fused(self.kernels, self.compressor, device, tuple(shape))
 
     def _count(self, flag: torch.Tensor) -> None:
         flag = flag.to(torch.int64)
@@ -108,6 +114,8 @@ class Channel:
             if self.mode == "delta":
                 self.previous_x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
             return payload, x
+        if self._fused(x.device, x.shape):
+            return channel_encode(self, x)
         if self.mode == "none":
             clean, flag = _clean(x, owned=False)
             payload = self.compressor.encode(clean, self.codec_state)
@@ -157,6 +165,8 @@ class Channel:
             x = decode_raw(payload, shape, dtype)
             self._set_full(x)
             return x
+        if self._fused(payload.device, shape):
+            return channel_decode(self, payload, shape, dtype)
         flag = payload[FLAGS_BYTE] != 0
         self._count(flag)
         if self.mode == "none":
@@ -252,7 +262,8 @@ class Session:
 
     def __init__(self, compressor: Compressor, mode: str = "ef", warmup_steps: int = 1,
                  base_dtype: str = "input", stats: Optional[Stats] = None, verify_every: int = 0,
-                 timeout_s: Optional[float] = None, warmup_compressor: Optional[Compressor] = None) -> None:
+                 timeout_s: Optional[float] = None, warmup_compressor: Optional[Compressor] = None,
+                 kernels: str = "auto") -> None:
         if mode not in MODES:
             raise ValueError(f"residual mode must be one of {', '.join(MODES)}; got {mode!r}")
         if warmup_steps < 0:
@@ -268,6 +279,7 @@ class Session:
         self.timeout_s = timeout_s
         self.warmup_steps = warmup_steps
         self.base_dtype = None if base_dtype == "input" else BASE_DTYPES[base_dtype]
+        self.kernels = check_setting(kernels)  # the payloads are the same either way: ranks may differ
         self.stats = stats if stats is not None else Stats()
         self.request = 0
         self.step = 0
@@ -285,7 +297,7 @@ class Session:
         """A session with ``cfg``'s codec settings that counts into ``stats`` (shared by a hook's sessions)."""
         warmup = build_compressor(cfg.warmup_compressor) if cfg.warmup_compressor is not None else None
         return cls(cfg.build_compressor(), cfg.residual, cfg.warmup_steps, cfg.base_dtype, stats,
-                   cfg.verify_every, cfg.timeout_s, warmup)
+                   cfg.verify_every, cfg.timeout_s, warmup, cfg.kernels)
 
     def settings(self) -> dict[str, Any]:
         """What every rank of a group must agree on."""
@@ -360,7 +372,8 @@ class Session:
         state = self.keys[key]
         ch = state.channels.get((src, dst))
         if ch is None:
-            ch = state.channels[(src, dst)] = Channel(self.compressor, self.mode, self.base_dtype, self.warmup_compressor)
+            ch = state.channels[(src, dst)] = Channel(self.compressor, self.mode, self.base_dtype, self.warmup_compressor,
+                                                          kernels=self.kernels)
         return ch
 
     @property
