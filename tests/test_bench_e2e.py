@@ -12,7 +12,8 @@ from compact_hooks.launcher import netns
 
 from compact_hooks.bench import e2e as bench_e2e
 
-METHODS = {"single", "compute_only", "ulysses", "allgather", "stale", "compact_int2", "compact_int1", "compact_lowrank"}
+METHODS = {"single", "compute_only", "ulysses", "allgather", "stale", "compact_int2", "compact_int2_warm8", "compact_int1",
+           "compact_lowrank", "compact_auto"}
 
 
 def test_parse_rate_understands_tc_units() -> None:
@@ -66,14 +67,17 @@ def test_bench_e2e_tiny_across_two_hosts(tmp_path: Any) -> None:
     assert set(methods) == METHODS
     for m in methods.values():
         assert m["latency_s"] > 0, m
-        assert {"latency_s", "wire_bytes_per_step", "psnr_db"} <= set(m)
+        assert {"latency_s", "wire_bytes_per_step", "wire_bytes_per_image", "psnr_db"} <= set(m)
     uncompressed = methods["ulysses"]["wire_bytes_per_step"]
     assert uncompressed > 0 and methods["allgather"]["wire_bytes_per_step"] > 0
-    for name in ("compact_int2", "compact_int1", "compact_lowrank"):
+    assert result["steps"] == 2
+    for name in ("compact_int2", "compact_int2_warm8", "compact_int1", "compact_lowrank", "compact_auto"):
         m = methods[name]
         assert 0 < m["wire_bytes_per_step"] < uncompressed, m
         assert m["psnr_db"] is not None and math.isfinite(m["psnr_db"]), m
         assert m["ideal_s"] > 0 and m["x_ideal"] > 0
+    # the int8 first step sends less than the full one
+    assert methods["compact_int2_warm8"]["wire_bytes_first_step"] < methods["compact_int2"]["wire_bytes_first_step"]
     assert methods["stale"]["rel_l2"] > 0  # stale K/V really are stale after the warm-up step
     assert methods["single"]["rel_l2"] < 1e-4  # the parallel model computes what one process does
     ladder = result["quality_ladder"]["entries"]

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import compact_hooks as ch
 from compact_hooks.bench.e2e import (
     COMPACT_METHODS,
+    DEFAULT_AUTO_TARGET,
     LADDER_CODECS,
     LADDER_MODES,
     MODELS,
@@ -258,6 +259,12 @@ def compact(spec: Any, residual: str = "ef") -> CommHook:
     return ch.CompactHook({"compressor": spec, "residual": residual})
 
 
+def method_block(block: dict[str, Any], lowrank: dict[str, Any], auto_target: float) -> dict[str, Any]:
+    """A COMPACT_METHODS block with the bench's lowrank and auto specs filled in."""
+    specs = {"lowrank": lowrank, "auto": {"name": "auto", "target_rel_error": auto_target}}
+    return {**block, "compressor": specs.get(block["compressor"], block["compressor"])}
+
+
 # ---- quality ------------------------------------------------------------------------------------
 
 
@@ -281,7 +288,8 @@ def quality(run: Run, ref: Run) -> dict[str, Any]:
 # ---- the sections -------------------------------------------------------------------------------
 
 
-def methods(bench: Bench, lowrank: dict[str, Any], single: bool) -> tuple[list[dict[str, Any]], dict[str, Run]]:
+def methods(bench: Bench, lowrank: dict[str, Any], single: bool,
+            auto_target: float = DEFAULT_AUTO_TARGET) -> tuple[list[dict[str, Any]], dict[str, Run]]:
     """Every method of one rate, in one process group; quality against the uncompressed Ulysses run.
 
     ``compute_only`` runs three times (first, after the uncompressed methods, last); its row is the
@@ -296,8 +304,8 @@ def methods(bench: Bench, lowrank: dict[str, Any], single: bool) -> tuple[list[d
         ("stale", lambda: ch.StaleHook(1), "allgather"),
         compute,
     ]
-    for name, spec in COMPACT_METHODS.items():
-        plan.append((name, (lambda s=spec: compact(lowrank if s == "lowrank" else s)), "ulysses"))
+    for name, block in COMPACT_METHODS.items():
+        plan.append((name, (lambda b=method_block(block, lowrank, auto_target): ch.CompactHook(b)), "ulysses"))
     plan.append(compute)
     rows: list[dict[str, Any]] = []
     runs: dict[str, Run] = {}
@@ -405,6 +413,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--rate", required=True, help="label of the link rate (the driver set the cap)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lowrank", type=json.loads, default=None, help="lowrank compressor spec (JSON)")
+    p.add_argument("--auto-target", type=float, default=DEFAULT_AUTO_TARGET, help="target_rel_error of compact_auto")
     p.add_argument("--single", action="store_true", help="also time the unparallelized model on rank 0")
     p.add_argument("--ladder", action="store_true", help="also run the quality ladder")
     p.add_argument("--ladder-steps", type=int, default=0, help="steps of the ladder's runs (default: --steps)")
@@ -423,7 +432,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         bench = Bench(pipe, prompt, size, args.steps, args.seed, group, rank, world)
         lowrank = args.lowrank or lowrank_spec()
         progress(bench, f"rate {args.rate}: {world} ranks, model {args.model}, {args.steps} steps")
-        rows, runs = methods(bench, lowrank, args.single)
+        rows, runs = methods(bench, lowrank, args.single, args.auto_target)
         result: dict[str, Any] = {"rate": args.rate, "world": world, "steps": args.steps, "methods": rows,
                                   "threads_per_rank": torch.get_num_threads()}
         if args.ladder:
