@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from compact_hooks.hook import CollectiveCall, CommHook
 
-Mode = Literal["ulysses", "allgather", "ring"]
-MODES: tuple[str, ...] = ("ulysses", "allgather", "ring")
+Mode = Literal["ulysses", "allgather", "ring", "usp"]
+MODES: tuple[str, ...] = ("ulysses", "allgather", "ring", "usp")
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,7 @@ class AttentionComm:
     world: int
     rank: int
     mode: Mode = "ulysses"
+    usp: Any = None  # mode "usp": the sub-groups and grid (integrations.diffusers.usp.USPGroups)
 
 
 def local_attention(
@@ -125,6 +126,10 @@ def sequence_parallel_attention(
         return _allgather(q, k, v, comm, key, layout)
     if comm.mode == "ring":
         return _ring(q, k, v, comm, key, layout)
+    if comm.mode == "usp":
+        if comm.usp is None:
+            raise RuntimeError(f"{key}: mode 'usp' needs its groups; use parallelize(..., mode='usp')")
+        return comm.usp.attention(q, k, v, comm.hook, key, layout)
     raise ValueError(f"mode must be one of {', '.join(MODES)}; got {comm.mode!r}")
 
 

@@ -186,12 +186,18 @@ def parallelize(
     hook: HookLike = None,
     *,
     check_inputs: bool = True,
+    ulysses_degree: Optional[int] = None,
+    ring_degree: Optional[int] = None,
+    topology: Optional[Any] = None,
 ) -> ParallelHandle:
     """Make a diffusers transformer (or a pipeline's) sequence parallel over ``group``.
 
     ``mode``: ``"ulysses"`` (all-to-all of Q/K/V/O; the head count must be divisible by the group
     size), ``"allgather"`` (all-gather of K/V, "patch parallel") or ``"ring"`` (ring exchange of K/V
-    blocks merged with an online softmax). ``hook`` defaults to :class:`PassthroughHook`; a config
+    blocks merged with an online softmax) or ``"usp"`` (Ulysses inside groups of ``ulysses_degree``
+    ranks, by default the ranks of one host, ring across ``ring_degree`` such groups; the product is
+    the group size; see ``usp``; ``topology`` is the :class:`compact_hooks.topology.Topology` whose
+    hostnames lay out the groups). ``hook`` defaults to :class:`PassthroughHook`; a config
     (dict or JSON path) is built with ``compact_hooks.build_hook``. ``group=None`` is the default
     group. Token counts that don't divide the group size are padded and masked (exact).
     ``check_inputs`` compares a checksum of the latents and timestep across ranks at every forward.
@@ -204,9 +210,20 @@ def parallelize(
     heads = getattr(model.config, "num_attention_heads", None)
     if mode == "ulysses" and isinstance(heads, int):
         check_heads(heads, world, type(model).__name__)
+    if mode != "usp" and (ulysses_degree is not None or ring_degree is not None):
+        raise ValueError(f"ulysses_degree / ring_degree are for mode='usp'; got mode={mode!r}")
     if any(isinstance(p, ParallelProcessor) for p in attention_processors(model).values()):
         raise RuntimeError(f"{type(model).__name__} is already parallelized; remove() the first handle")
-    state = ShardState(AttentionComm(resolve_hook(hook), group, world, rank, mode))  # type: ignore[arg-type]
+    usp = None
+    if mode == "usp":
+        from .usp import build_usp_groups, check_degrees, check_usp_heads
+
+        if ulysses_degree is not None and ring_degree is not None:
+            check_degrees(ulysses_degree, ring_degree, world)
+        check_usp_heads(heads, ulysses_degree, type(model).__name__)  # before any collective, when known
+        usp = build_usp_groups(group, ulysses_degree, ring_degree, topology)
+        check_usp_heads(heads, usp.ulysses_degree, type(model).__name__)
+    state = ShardState(AttentionComm(resolve_hook(hook), group, world, rank, mode, usp))  # type: ignore[arg-type]
     handle = ParallelHandle(model, pipeline, family, state, check_inputs)
     try:
         handle.install()

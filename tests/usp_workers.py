@@ -1,0 +1,167 @@
+"""Rank functions of the USP and link-aware tests (run by ``tests.distributed.run_ranks`` or mpirun).
+
+Each returns plain numbers and strings; the tests assert on them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from compact_hooks.hook import CollectiveCall, CommHook
+from compact_hooks.hooks import CompactHook, PassthroughHook
+from compact_hooks.hooks.links import LinkAwareHook
+from compact_hooks.topology import Topology, group_ranks
+
+# (tag, family, model kwargs, input kwargs); "odd" token counts don't divide 4
+USP_CASES = [
+    ("flux", "flux", {}, {}),
+    ("flux-odd", "flux", {}, {"height": 3, "width": 3, "text": 3}),
+    ("sd3", "sd3", {}, {}),
+    ("sd3-odd", "sd3", {}, {"height": 5, "width": 5, "text": 7}),
+    ("cogvideox-odd", "cogvideox", {}, {"height": 6, "width": 6}),
+]
+
+
+def rel_max(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+class Recorder(CommHook):
+    """PassthroughHook that records (op, key, global ranks of the group) of every call."""
+
+    def __init__(self) -> None:
+        self.inner = PassthroughHook()
+        self.calls: list[tuple[str, str, tuple[int, ...]]] = []
+
+    def __call__(self, call: CollectiveCall) -> torch.Tensor:
+        self.calls.append((call.op, str(call.key), group_ranks(call.group)))
+        return self.inner(call)
+
+
+def _layouts(rank: int) -> dict[str, tuple[Optional[int], Optional[int], Optional[Topology]]]:
+    """name -> (ulysses_degree, ring_degree, topology): the grids the parity test runs."""
+    return {
+        "2x2": (2, 2, None),  # one real host: consecutive Ulysses groups {0,1} {2,3}
+        "2x2-interleaved": (None, None, Topology(f"h{rank % 2}")),  # hosts {0,2} {1,3}: degrees from them
+        "4x1": (4, 1, None),
+        "1x4": (1, 4, None),
+    }
+
+
+def usp_parity_worker(rank: int, world: int, cases: list = USP_CASES, layouts: Optional[list[str]] = None) -> dict:
+    """USP (PassthroughHook) vs the single-process model; the groups and keys of every collective."""
+    torch.set_num_threads(1)
+    from compact_hooks.integrations.diffusers import attention_processors, parallelize
+    from compact_hooks.integrations.diffusers.tiny import TINY_MODELS, tiny_inputs
+
+    out: dict[str, Any] = {"hosts": list(Topology().hosts(None))}
+    all_layouts = _layouts(rank)
+    for tag, family, model_kw, input_kw in cases:
+        model = TINY_MODELS[family](**model_kw)
+        inp = tiny_inputs(family, model, **input_kw)
+        with torch.no_grad():
+            ref = model(**inp)[0]
+        stock = {k: type(p) for k, p in attention_processors(model).items()}
+        for name in layouts or list(all_layouts):
+            u, r, topo = all_layouts[name]
+            rec = Recorder()
+            handle = parallelize(model, None, mode="usp", hook=rec, ulysses_degree=u, ring_degree=r, topology=topo)
+            usp = handle.state.comm.usp
+            with torch.no_grad():
+                y = model(**inp)[0]
+                y2 = model(**inp)[0]
+            handle.remove()
+            ulysses_ranks = group_ranks(usp.ulysses)
+            ring_ranks = group_ranks(usp.ring)
+            ops: dict[str, list] = {}
+            for op, key, ranks in rec.calls:
+                kind = key.rsplit(":", 1)[-1].split(".")[0]
+                ops.setdefault(kind, []).append((op, ranks == ulysses_ranks, ranks == ring_ranks))
+            out[f"{tag}:{name}"] = {
+                "err": rel_max(y, ref), "repeat": rel_max(y2, y), "shape": list(y.shape) == list(ref.shape),
+                "grid": [list(row) for row in usp.grid], "ulysses": list(ulysses_ranks), "ring": list(ring_ranks),
+                "kinds": {k: [list(t) for t in sorted(set(v))] for k, v in ops.items()}, "calls": len(rec.calls),
+            }
+        with torch.no_grad():
+            restored = model(**inp)[0]
+        out[f"{tag}:removed"] = (float((restored - ref).abs().max()) == 0.0
+                                 and stock == {k: type(p) for k, p in attention_processors(model).items()})
+    out["errors"] = usp_errors(rank, world)
+    return out
+
+
+def usp_errors(rank: int, world: int) -> dict[str, str]:
+    """User errors of mode='usp' (each raised before any collective)."""
+    from compact_hooks.integrations.diffusers import parallelize
+    from compact_hooks.integrations.diffusers.tiny import TINY_MODELS
+
+    got: dict[str, str] = {}
+    model = TINY_MODELS["flux"]()
+    for name, kwargs in {"product": dict(ulysses_degree=3, ring_degree=2),
+                         "not_usp": dict(mode="ulysses", ulysses_degree=2),
+                         "heads": dict(ulysses_degree=4, ring_degree=1, model=TINY_MODELS["flux"](heads=2))}.items():
+        m = kwargs.pop("model", model)
+        try:
+            parallelize(m, None, **{"mode": "usp", **kwargs}).remove()
+            got[name] = "no error"
+        except ValueError as exc:
+            got[name] = str(exc)
+    return got
+
+
+def link_worker(rank: int, world: int) -> dict:
+    """Topology and LinkAwareHook on emulated hostnames (hosts {0,1} and {2,3}): routing, stats, exactness."""
+    torch.set_num_threads(1)
+    from compact_hooks.integrations.diffusers import parallelize
+    from compact_hooks.integrations.diffusers.tiny import TINY_MODELS, tiny_inputs
+
+    topo = Topology(f"host{rank // 2}")
+    out: dict[str, Any] = {"world_hosts": list(topo.hosts(None))}
+    groups = {name: dist.new_group(ranks) for name, ranks in
+              (("intra", [0, 1]), ("intra2", [2, 3]), ("inter", [0, 2]), ("inter2", [1, 3]))}
+    mine = {"intra": groups["intra"] if rank < 2 else groups["intra2"],
+            "inter": groups["inter"] if rank % 2 == 0 else groups["inter2"]}
+    out["classes"] = {n: topo.link_class(g) for n, g in mine.items()}
+    out["world_class"] = topo.link_class(None)
+    out["exchanges"] = topo.exchanges  # the sub-groups are derived from the world's hostnames
+
+    hook = LinkAwareHook(CompactHook({"compressor": "int2", "residual": "ef", "warmup_steps": 1}), PassthroughHook(),
+                         topo)
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randn(2, 64, 32, generator=gen) + rank
+    exact: dict[str, bool] = {}
+    for step in range(3):
+        xs = x + 0.05 * step
+        for name in ("intra", "inter"):
+            g = mine[name]
+            got = hook(CollectiveCall("all_to_all", xs, g, key=f"probe:{name}"))
+            plain = PassthroughHook()(CollectiveCall("all_to_all", xs, g))
+            exact[f"{name}{step}"] = bool(torch.equal(got, plain))
+        hook.next_step()
+    out["exact"] = exact
+    out["links"] = hook.stats()["links"]
+
+    # the model: USP 2x2 over these hosts, inter-host only vs every hop vs plain
+    model = TINY_MODELS["flux"](heads=4, head_dim=16)
+    inp = tiny_inputs("flux", model, height=8, width=8, text=8)
+    results: dict[str, torch.Tensor] = {}
+    for policy in ("plain", "inter_host", "all"):
+        if policy == "plain":
+            h: CommHook = PassthroughHook()
+        else:
+            compress = ("inter_host",) if policy == "inter_host" else ("intra_host", "inter_host")
+            h = LinkAwareHook(CompactHook({"compressor": "int2", "warmup_steps": 1}), PassthroughHook(), topo,
+                              compress=compress)
+        handle = parallelize(model, None, mode="usp", hook=h, topology=topo)
+        with torch.no_grad():
+            for step in range(3):  # drifting latents, as in denoising: residuals are not zero
+                y = model(**{**inp, "hidden_states": inp["hidden_states"] * (1.0 + 0.1 * step)})[0]
+        handle.remove()
+        results[policy] = y
+        if policy != "plain":
+            out[f"model:{policy}"] = h.stats()["links"]
+    out["model_err"] = {p: rel_max(results[p], results["plain"]) for p in ("inter_host", "all")}
+    return out
