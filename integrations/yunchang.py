@@ -1,0 +1,259 @@
+"""Route the collectives of yunchang (xDiT's USP attention) through a CommHook, on unforked yunchang.
+
+yunchang's ``LongContextAttention`` / ``LongContextAttentionQKVPacked`` / ``UlyssesAttention`` move
+data in two places, both through the module name ``dist`` of their own module:
+
+* Ulysses: ``yunchang.comm.all_to_all.all_to_all_4D`` / ``all_to_all_5D`` lay the tensor out as
+  ``[P, ...]`` (chunk ``j`` for rank ``j``) and call ``dist.all_to_all_single``: the hook's
+  ``all_to_all``;
+* ring: ``yunchang.ring.utils.RingComm`` queues ``dist.P2POp`` pairs (send to the next rank, receive
+  from the previous one in the ring group) and runs them with ``dist.batch_isend_irecv``: the hook's
+  ``ring_exchange``, one per queued pair.
+
+:class:`YunchangHooks` replaces ``dist`` in those two modules by a stand-in whose
+``all_to_all_single`` and ``batch_isend_irecv`` go through the hook (everything else is
+torch.distributed itself), for the duration of a ``with`` block or until :meth:`remove`. yunchang's
+own layout code, ring loop and softmax merging run unchanged. :meth:`attach` keys the calls of one
+attention module: ``"<key>:q|k|v|o"`` (packed: ``":qkv"``, ``":o"``) and ``"<key>:ring_k.hopN"`` /
+``":ring_v.hopN"``; calls outside an attached module get ``key=None`` (the hook's per-step counter).
+
+Not routed (documented gaps): ``AsyncLongContextAttention`` (its all-to-alls run on CUDA streams in
+``yunchang.hybrid.async_attn_layer``, one per head group, with async handles) and the backward
+passes' gradient ring (``d_kv_comm``), which a forward-only inference hook has no business
+compressing. A P2P batch that is not a ring step (a send that does not go to the next rank) takes
+torch.distributed unchanged and is counted in ``unrouted``.
+
+On CPU, yunchang's pure-torch attention (``AttnType.TORCH_FLASH`` / ``ring_impl_type="basic_pytorch"``)
+calls ``aten::_scaled_dot_product_flash_attention``, which torch implements for CUDA only;
+:func:`cpu_flash_attention` registers a CPU kernel for it that calls torch's own
+``_scaled_dot_product_flash_attention_for_cpu`` (same output and log-sum-exp).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from compact_hooks.hook import CollectiveCall, CommHook
+from compact_hooks.hooks import PassthroughHook
+
+__all__ = ["YunchangHooks", "cpu_flash_attention", "hook_yunchang"]
+
+CALL_NAMES = ("q", "k", "v", "o")
+PACKED_NAMES = ("qkv", "o")
+RING_NAMES = {1: ("ring_kv",), 2: ("ring_k", "ring_v")}
+
+
+def _yunchang_modules() -> tuple[Any, Any]:
+    try:
+        import yunchang.comm.all_to_all as a2a
+        import yunchang.ring.utils as ring_utils
+    except ImportError as exc:
+        raise ImportError(
+            "compact_hooks.integrations.yunchang needs yunchang: pip install 'compact-hooks[xdit]'"
+        ) from exc
+    return a2a, ring_utils
+
+
+@dataclass
+class _Site:
+    """The attention call in progress: its key and how many collectives it made so far."""
+
+    key: str
+    names: tuple[str, ...]
+    a2a: int = 0
+    hops: int = 0
+
+
+class _Done:
+    """A finished request (what ``batch_isend_irecv`` returns; the exchange already ran)."""
+
+    def wait(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class _HookedDist:
+    """Stands in for ``torch.distributed`` inside yunchang's comm modules."""
+
+    def __init__(self, owner: "YunchangHooks") -> None:
+        self._owner = owner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(dist, name)
+
+    def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: Any = None,
+                          input_split_sizes: Any = None, group: Any = None, async_op: bool = False) -> Any:
+        if output_split_sizes is not None or input_split_sizes is not None or async_op:
+            self._owner.unrouted += 1
+            return dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group, async_op)
+        output.copy_(self._owner._all_to_all(input, group).view_as(output))
+        return None
+
+    def batch_isend_irecv(self, p2p_op_list: list) -> list:
+        return self._owner._ring(p2p_op_list)
+
+
+def _peer(op: Any) -> Optional[int]:
+    """The global rank a P2POp talks to."""
+    peer = getattr(op, "peer", None)
+    if peer is None and getattr(op, "group_peer", None) is not None:
+        peer = dist.get_global_rank(op.group, op.group_peer) if op.group is not None else op.group_peer
+    return peer
+
+
+class YunchangHooks:
+    """yunchang's all-to-alls and ring P2P through ``hook`` while installed (see the module docstring)."""
+
+    def __init__(self, hook: Optional[CommHook] = None) -> None:
+        self.hook = hook if hook is not None else PassthroughHook()
+        self.unrouted = 0  # collectives that took torch.distributed unchanged
+        self._site: Optional[_Site] = None
+        self._saved: list[tuple[Any, Any]] = []
+        self._forwards: list[tuple[nn.Module, Any]] = []
+
+    # -- installation ----------------------------------------------------------------------------
+
+    def install(self) -> "YunchangHooks":
+        if self._saved:
+            return self
+        proxy = _HookedDist(self)
+        for module in _yunchang_modules():
+            if isinstance(module.dist, _HookedDist):
+                raise RuntimeError(f"{module.__name__} is already routed through a hook; remove() the first "
+                                   f"YunchangHooks before installing another")
+            self._saved.append((module, module.dist))
+            module.dist = proxy
+        return self
+
+    def attach(self, attention: nn.Module, key: str) -> nn.Module:
+        """Key the collectives of ``attention`` (a yunchang attention module) by ``key``; returns it."""
+        packed = type(attention).__name__.endswith("QKVPacked") or bool(getattr(attention, "use_pack_qkv", False))
+        names = PACKED_NAMES if packed else CALL_NAMES
+        had_own = "forward" in vars(attention)
+        original = attention.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            outer, self._site = self._site, _Site(key, names)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._site = outer
+
+        attention.forward = forward  # type: ignore[method-assign]
+        self._forwards.append((attention, original if had_own else None))
+        return attention
+
+    def remove(self) -> None:
+        """Put torch.distributed back into yunchang's modules and restore attached forwards (idempotent)."""
+        for module, original in reversed(self._saved):
+            module.dist = original
+        self._saved = []
+        for attention, original in reversed(self._forwards):
+            if original is None:
+                vars(attention).pop("forward", None)
+            else:
+                attention.forward = original  # type: ignore[method-assign]
+        self._forwards = []
+
+    def __enter__(self) -> "YunchangHooks":
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    # -- the routed collectives ------------------------------------------------------------------
+
+    def _key(self, name_of: Any) -> Optional[str]:
+        site = self._site
+        return None if site is None else f"{site.key}:{name_of(site)}"
+
+    def _all_to_all(self, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        def name(site: _Site) -> str:
+            i, site.a2a = site.a2a, site.a2a + 1
+            return site.names[i] if i < len(site.names) else f"a2a{i}"
+
+        return self.hook(CollectiveCall("all_to_all", tensor, group, key=self._key(name)))
+
+    def _ring_pairs(self, ops: list) -> Optional[list[tuple[Any, Any]]]:
+        """``[(send, recv), ...]`` if ``ops`` is one ring step (send next, receive previous), else None."""
+        if not ops or len(ops) % 2:
+            return None
+        group = ops[0].group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        if rank < 0:
+            return None
+        nxt = dist.get_global_rank(group, (rank + 1) % size) if group is not None else (rank + 1) % size
+        prv = dist.get_global_rank(group, (rank - 1) % size) if group is not None else (rank - 1) % size
+        pairs = list(zip(ops[0::2], ops[1::2]))
+        for send, recv in pairs:
+            if (send.op is not dist.isend or recv.op is not dist.irecv or send.group is not group
+                    or recv.group is not group or _peer(send) != nxt or _peer(recv) != prv
+                    or send.tensor.shape != recv.tensor.shape or send.tensor.dtype != recv.tensor.dtype):
+                return None
+        return pairs
+
+    def _ring(self, ops: list) -> list:
+        pairs = self._ring_pairs(ops)
+        if pairs is None:
+            self.unrouted += 1
+            return dist.batch_isend_irecv(ops)
+        names = RING_NAMES.get(len(pairs), tuple(f"ring{i}" for i in range(len(pairs))))
+        site = self._site
+        if site is not None:
+            site.hops += 1
+        for (send, recv), name in zip(pairs, names):
+            key = None if site is None else f"{site.key}:{name}.hop{site.hops}"
+            got = self.hook(CollectiveCall("ring_exchange", send.tensor, send.group, key=key))
+            recv.tensor.copy_(got)
+        return [_Done() for _ in ops]
+
+
+def hook_yunchang(hook: Optional[CommHook] = None, attention: Optional[nn.Module] = None,
+                  key: str = "attn") -> YunchangHooks:
+    """Install a :class:`YunchangHooks` for ``hook`` (and attach ``attention`` under ``key``); use it as a
+    context manager or call ``remove()``."""
+    hooks = YunchangHooks(hook).install()
+    if attention is not None:
+        hooks.attach(attention, key)
+    return hooks
+
+
+def _flash_for_cpu(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout_p: float = 0.0,
+                   is_causal: bool = False, return_debug_mask: bool = False, *, scale: Optional[float] = None
+                   ) -> tuple:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
+                                                                           scale=scale)
+    empty = torch.empty(0, dtype=torch.int64)
+    return out, lse, empty, empty, query.shape[2], key.shape[2], empty, empty, torch.empty(0, dtype=query.dtype)
+
+
+def _has_cpu_flash() -> bool:
+    x = torch.zeros(1, 1, 1, 8)
+    try:
+        torch.ops.aten._scaled_dot_product_flash_attention(x, x, x)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def cpu_flash_attention() -> Iterator[bool]:
+    """While open, ``aten::_scaled_dot_product_flash_attention`` runs on CPU tensors (yunchang's
+    pure-torch path) through torch's CPU flash kernel; yields whether a kernel had to be registered."""
+    if _has_cpu_flash():
+        yield False
+        return
+    lib = torch.library.Library("aten", "IMPL")
+    try:
+        lib.impl("_scaled_dot_product_flash_attention", _flash_for_cpu, "CPU")
+        yield True
+    finally:
+        lib._destroy()
