@@ -17,6 +17,9 @@ drops the ssh options and runs the remote command as
 host 0 (``hosts.prefix(0)``, done by :meth:`Hosts.run` / :meth:`Hosts.popen`) so that the daemons it
 starts on the other hosts can reach it.
 
+A host can hold several ranks (:meth:`Hosts.mpirun_ranks`): they share its namespace, so traffic
+between them stays on the host (loopback, uncapped) while traffic to other hosts crosses the capped link.
+
 Teardown runs even when the body raises; leftovers of a crashed run (names carry the owning pid) are
 removed when the next run starts.
 """
@@ -88,6 +91,14 @@ class Hosts:
         path = self.workdir / f"hostfile-{n}x{slots}"
         path.write_text("".join(f"{name} slots={slots}\n" for name in self.names[:n]))
         return path
+
+    def mpirun_ranks(self, n_hosts: int, ranks_per_host: int = 1) -> list[str]:
+        """mpirun options that start ``ranks_per_host`` ranks on each of the first ``n_hosts`` hosts, ranks
+        ``h * ranks_per_host ...`` on host ``h`` (ranks on one host talk over its loopback: no rate cap)."""
+        if ranks_per_host < 1:
+            raise ValueError(f"ranks_per_host must be >= 1; got {ranks_per_host}")
+        return ["-np", str(n_hosts * ranks_per_host), "--hostfile", str(self.hostfile_for(n_hosts, ranks_per_host)),
+                "--map-by", "slot"]
 
     def prefix(self, host: int = 0) -> list[str]:
         """argv prefix that runs a command inside host ``host`` with its own hostname."""

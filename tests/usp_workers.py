@@ -48,6 +48,7 @@ def _layouts(rank: int) -> dict[str, tuple[Optional[int], Optional[int], Optiona
         "2x2-interleaved": (None, None, Topology(f"h{rank % 2}")),  # hosts {0,2} {1,3}: degrees from them
         "4x1": (4, 1, None),
         "1x4": (1, 4, None),
+        "hosts": (None, None, None),  # degrees and groups from the real hostnames
     }
 
 
@@ -112,13 +113,14 @@ def usp_errors(rank: int, world: int) -> dict[str, str]:
     return got
 
 
-def link_worker(rank: int, world: int) -> dict:
-    """Topology and LinkAwareHook on emulated hostnames (hosts {0,1} and {2,3}): routing, stats, exactness."""
+def link_worker(rank: int, world: int, fake_hosts: bool = True) -> dict:
+    """Topology and LinkAwareHook on hosts {0,1} and {2,3} (``fake_hosts``: named ``host0``/``host1``,
+    else the real hostnames of emulated hosts): routing, stats, exactness."""
     torch.set_num_threads(1)
     from compact_hooks.integrations.diffusers import parallelize
     from compact_hooks.integrations.diffusers.tiny import TINY_MODELS, tiny_inputs
 
-    topo = Topology(f"host{rank // 2}")
+    topo = Topology(f"host{rank // 2}") if fake_hosts else Topology()
     out: dict[str, Any] = {"world_hosts": list(topo.hosts(None))}
     groups = {name: dist.new_group(ranks) for name, ranks in
               (("intra", [0, 1]), ("intra2", [2, 3]), ("inter", [0, 2]), ("inter2", [1, 3]))}
@@ -165,3 +167,34 @@ def link_worker(rank: int, world: int) -> dict:
             out[f"model:{policy}"] = h.stats()["links"]
     out["model_err"] = {p: rel_max(results[p], results["plain"]) for p in ("inter_host", "all")}
     return out
+
+
+MARK = "@@RESULT "
+
+
+def main() -> int:
+    """Under mpirun (2 emulated hosts x 2 ranks): USP parity with groups from the real hostnames and
+    the link-aware checks; rank 0 prints ``@@RESULT`` with every rank's results."""
+    import json
+    import socket
+
+    from compact_hooks.launcher.mpi import init_distributed
+
+    torch.set_num_threads(1)
+    group = init_distributed(timeout_s=300)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        res = {"hostname": socket.gethostname(),
+               "parity": usp_parity_worker(rank, world, USP_CASES[:4], ["hosts", "2x2"]),
+               "links": link_worker(rank, world, fake_hosts=False)}
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, res, group=group)
+        if rank == 0:
+            print(MARK + json.dumps({"ranks": every}), flush=True)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
