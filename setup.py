@@ -9,6 +9,8 @@ EXTRAS = {
     # xDiT's USP attention (compact_hooks.integrations.yunchang); tested with this version, needs only torch
     "xdit": ["yunchang==0.6.4"],
     "test": ["pytest>=7", "pytest-timeout", "hypothesis>=6.100", "ruff", "triton>=3.9; platform_system == 'Linux'"],
+    # the trained digits model (its data and check) and bench quality's SSIM
+    "quality": ["scikit-learn>=1.0", "scikit-image>=0.19", "safetensors"],
 }
 # integrations/ and launcher/ sit at the repository root but install as compact_hooks.integrations and
 # compact_hooks.launcher (package_dir below); every package with an __init__.py under the three roots ships.
@@ -31,6 +33,8 @@ setup(
     python_requires=">=3.9",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    # the embedded trained model (loaded with diffusers' from_pretrained from the package directory)
+    package_data={"compact_hooks.integrations.diffusers": ["weights/*/*.json", "weights/*/*.safetensors"]},
     install_requires=["torch>=2.4", "pydantic>=2.5", "numpy"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["compact-hooks=compact_hooks.cli:main"]},
