@@ -13,8 +13,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -249,3 +252,50 @@ def test_no_host_reads_in_fused_path(module):
     code = re.sub(r'"""(.|\n)*?"""', "", code)  # and so may docstrings
     found = [p for p in HOST_READS if re.search(p, code)]
     assert not found, f"{Path(module.__file__).name} reads device values on the host: {found}"
+
+
+
+PTX_CHECK = """
+import json, os, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from compact_hooks.kernels import _group_kernels, _sign_kernels, common
+
+POINTERS = {"hdr_ptr": "*i32", "code_ptr": "*u8", "flag_ptr": "*i32", "abs_ptr": "*fp32", "limit": "fp32"}
+KINDS = dict(X_KIND=2, B_KIND=1, MODE=3, HAS_VEL=True, WRITE_RECON=True)
+CASES = {
+    "group_tile": (_group_kernels.group_tile_kernel,
+                   dict(KINDS, DECODE=False, PACK=True, BITS=2, BLOCK_G=32, GPB=32, PER_BYTE=4)),
+    "flat": (_group_kernels.flat_kernel, dict(KINDS, DECODE=False, BITS=4, BLOCK=2048, PER_BYTE=2)),
+    "sign_encode": (_sign_kernels.sign_pack_kernel, dict(KINDS, DECODE=False, CODEBOOK=1, BLOCK=1024, PER_BYTE=4)),
+}
+found = {}
+for case, (fn, constexprs) in CASES.items():
+    signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, "*i16" if n.endswith("_ptr") else "i32")
+                 for n in fn.arg_names}
+    src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    options = {**common.launch_options(), "num_warps": 4}
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    found[case] = {"memory": "ld.global" in ptx and "st.global" in ptx,
+                   "fma": re.findall(r"\\b(?:fma\\.rn|mad)\\.f32", ptx)[:3],
+                   "approx": re.findall(r"div\\.(?:full|approx)\\.f32|rcp\\.approx", ptx)[:3],
+                   "ftz": ".ftz." in ptx, "div_rn": "div.rn.f32" in ptx}
+print(json.dumps(found))
+"""
+
+
+def test_compiled_kernels_round_like_torch():
+    """Compiled for an H100/H200 (sm_90) with the fused path's launch options, by Triton's own
+    compiler and bundled ptxas (no GPU needed, so in a subprocess without the interpreter): no fused
+    multiply-add (each product is rounded before it is added, as in the torch codecs), no
+    approximate division, no flush-to-zero."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", PTX_CHECK], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for case, found in json.loads(done.stdout.strip().splitlines()[-1]).items():
+        assert found["memory"], f"{case}: the PTX has no global loads and stores: not the kernel"
+        assert found["fma"] == [], f"{case}: contracted multiply-add in the PTX: {found['fma']}"
+        assert found["approx"] == [] and not found["ftz"], f"{case}: approximate or flush-to-zero arithmetic: {found}"
+        if case != "sign_encode":
+            assert found["div_rn"], f"{case}: 1/scale must be the IEEE division div.rn.f32"
