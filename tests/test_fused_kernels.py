@@ -299,3 +299,36 @@ def test_compiled_kernels_round_like_torch():
         assert found["approx"] == [] and not found["ftz"], f"{case}: approximate or flush-to-zero arithmetic: {found}"
         if case != "sign_encode":
             assert found["div_rn"], f"{case}: 1/scale must be the IEEE division div.rn.f32"
+
+
+def test_config_key_routes_session_channels(monkeypatch):
+    """``kernels`` in the config reaches every channel; a fused session and a torch session exchange
+    the same payloads and hold the same bases through Session/Channel (warm-up, then residuals)."""
+    from compact_hooks.config import load_config
+    from compact_hooks.errors import ConfigError
+    from compact_hooks.residual import Session
+
+    assert load_config({"kernels": "triton"}).kernels == "triton" and load_config(None).kernels == "auto"
+    with pytest.raises(ConfigError, match="kernels"):
+        load_config({"kernels": "cuda"})
+    import compact_hooks.residual as residual
+
+    calls = []
+    for name in ("channel_encode", "channel_decode"):
+        real = getattr(residual, name)
+        monkeypatch.setattr(residual, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    fused = Session.from_config({"compressor": "int2", "kernels": "triton"})
+    ref = Session.from_config({"compressor": "int2", "kernels": "torch"})
+    xs = make_stream(3, (8, 256), torch.bfloat16, 3, 1.0, 0.0, -1)
+    for x in xs:
+        payloads = []
+        for session in (fused, ref):
+            full = session.prepare("blk:k", tuple(x.shape), x.dtype)
+            payloads.append(session.channel("blk:k", 0).encode(x, full)[0])
+            session.channel("blk:k", 1).decode(payloads[-1], tuple(x.shape), x.dtype, full)
+        assert_same(payloads[0], payloads[1], "payload")
+    assert fused.channel("blk:k", 0).kernels == "triton"
+    assert calls == ["channel_encode", "channel_decode"] * 3  # the 3 residual steps of the fused session only
+    assert fused.base_digests() == ref.base_digests()
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        Session(build_compressor("int2"), kernels="gpu")

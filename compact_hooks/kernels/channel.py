@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..wire import FLAGS_BYTE
+from .common import on_device
 from .dispatch import implementation
 
 
@@ -25,9 +26,10 @@ def encode(channel: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``channel.encode(x, full=False)`` on the fused kernels: ``(payload, reconstruction)``."""
     mode = channel.mode
     fused = implementation(channel.compressor, tuple(x.shape))
-    step = fused.encode_step(channel.compressor, mode, x, None if mode == "none" else channel.base,
-                             channel.velocity if mode == "ef2" else None,
-                             channel.previous_x if mode == "delta" else None)
+    with on_device(x.device):
+        step = fused.encode_step(channel.compressor, mode, x, None if mode == "none" else channel.base,
+                                 channel.velocity if mode == "ef2" else None,
+                                 channel.previous_x if mode == "delta" else None)
     if mode != "none":
         channel.base = step.base
     if mode == "ef2":
@@ -44,9 +46,10 @@ def decode(channel: Any, payload: torch.Tensor, shape: tuple[int, ...], dtype: t
     flag = payload[FLAGS_BYTE] != 0
     channel._count(flag)
     fused = implementation(channel.compressor, tuple(shape))
-    step = fused.decode_step(channel.compressor, mode, payload, shape, dtype,
-                             None if mode == "none" else channel.base,
-                             channel.velocity if mode == "ef2" else None)
+    with on_device(payload.device):
+        step = fused.decode_step(channel.compressor, mode, payload, shape, dtype,
+                                 None if mode == "none" else channel.base,
+                                 channel.velocity if mode == "ef2" else None)
     if mode != "none":
         channel.base = step.base
     if mode == "ef2":

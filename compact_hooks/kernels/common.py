@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import ContextManager, Optional
 
 import torch
 
@@ -41,6 +42,11 @@ def header_words(dtype: torch.dtype, fingerprint: int, numel: int) -> tuple[int,
 def launch_options() -> dict[str, object]:
     # no FMA contraction: ``r * inv + (off + 0.5)`` must round twice, like the torch codec
     return {"enable_fp_fusion": False}
+
+
+def on_device(device: torch.device) -> ContextManager:
+    """Launch on ``device``: Triton launches on the current CUDA device, torch on the tensor's."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def check_input(x_dtype: torch.dtype) -> None:
