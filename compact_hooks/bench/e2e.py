@@ -40,6 +40,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
+from compact_hooks.bench import e2e_usp
 from compact_hooks.launcher.netns import parse_rate
 
 PROGRESS = "[bench e2e] "
@@ -481,6 +482,7 @@ def add_parser(kinds: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the JSON result to this file")
     p.add_argument("--plot", help="write the quality ladder's error-per-step plot (PNG)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    e2e_usp.add_arguments(p)  # --mode usp --ranks-per-host N (compact_hooks.bench.e2e_usp)
     p.set_defaults(handler=main)
     return p
 
@@ -488,6 +490,8 @@ def add_parser(kinds: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     from compact_hooks.launcher.netns import NetnsUnavailable
 
+    if args.mode == "usp":
+        return e2e_usp.main(args)
     try:
         result = run_bench(args.rate or [], args.hosts, args.model, args.steps, args.seed,
                            lowrank_spec(args.lowrank_rank), args.overhead_repeats, args.timeout, not args.quiet,
