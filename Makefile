@@ -20,12 +20,12 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# FLUX-architecture inference (embedded random-weight model) on 2 CPU ranks with int2 Ulysses.
+# FLUX-architecture inference (embedded trained digits model, classes 0-9, 20 steps) on 2 CPU ranks with int2 Ulysses.
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m torch.distributed.run --standalone --nproc-per-node 2 \
 		-m compact_hooks.integrations.diffusers.job --config examples/configs/diffusers_ulysses_int2.json --out out/demo
 	$(BIN)/compact-hooks report out/demo/stats.json --out out/demo/report.png
-	@echo "image: out/demo/image.png (exact reference: out/demo/reference.png)"
+	@echo "images: out/demo/grid.png, image_NNN.png (exact reference: out/demo/reference_grid.png, reference_NNN.png)"
 	@echo "stats: out/demo/stats.json   plot: out/demo/report.png"
 
 lint: $(STAMP)

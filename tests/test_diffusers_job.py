@@ -41,7 +41,7 @@ def job_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("job")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "compact_hooks.integrations.diffusers.job", "--config", str(CONFIG), "--steps", "4",
+           "-m", "compact_hooks.integrations.diffusers.job", "--config", str(CONFIG), "--model", "random", "--steps", "4",
            "--height", "64", "--width", "64", "--out", str(out), "--seed", "3"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

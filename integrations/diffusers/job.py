@@ -5,8 +5,12 @@ Launched on N ranks by ``deepspeed --num_gpus N``, ``torchrun --nproc-per-node N
 
     compact-hooks run --config examples/configs/diffusers_ulysses_int2.json --out out
 
-Without ``--model`` it builds a small random-weight FLUX-architecture pipeline (fixed weights, no
-downloads). Every rank runs the same pipeline call; the transformer is sequence-parallel
+Without ``--model`` (or with ``--model trained``) it loads the embedded trained FLUX-architecture digits
+model (``trained``: the prompt is class labels, default ``"0 1 ... 9"``, one image each; rank 0 also writes
+``grid.png``); ``--model random`` builds a random-weight FLUX pipeline (for timing; no downloads).
+``--record-trace DIR`` saves each step's tensor of the keys matching ``--trace-keys`` (or the config's
+top-level ``"trace": {"keys": [...]}``) as the hook sees it, for ``compact-hooks bench trace DIR``.
+Every rank runs the same pipeline call; the transformer is sequence-parallel
 (``parallelize``) with the config's hook. Unless ``--no-reference``, the same call is first run with
 a :class:`PassthroughHook` (exact parallel output) and the compressed image is compared with it.
 Rank 0 writes ``image.png`` (``reference.png``) and ``stats.json`` to ``--out``.
@@ -29,6 +33,8 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLUR
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 EMBEDDED_DEFAULTS = {"steps": 20, "height": 128, "width": 128, "guidance_scale": 3.5}
+TRAINED_DEFAULTS = {"steps": 20, "height": 16, "width": 16}
+TRAINED_PROMPT = "0 1 2 3 4 5 6 7 8 9"
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -37,7 +43,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "run", help="sequence-parallel diffusers inference with compressed collectives",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="JSON config with a \"compact_hooks\" block")
-    p.add_argument("--model", help="local diffusers pipeline directory (default: embedded random FLUX model)")
+    p.add_argument("--model", help="trained (default: the embedded digits model), random (random-weight FLUX, "
+                                    "for timing) or a local diffusers pipeline directory")
     p.add_argument("--prompt-embeds", help="torch/safetensors file of pipeline kwargs "
                                             "(prompt_embeds, pooled_prompt_embeds, ...)")
     p.add_argument("--prompt", help="text prompt (a --model with text encoders)")
@@ -50,6 +57,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("ulysses", "allgather", "ring"), default="ulysses")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-reference", action="store_true", help="skip the uncompressed reference run")
+    p.add_argument("--record-trace", metavar="DIR", help="record the hook's tensors per step to DIR")
+    p.add_argument("--trace-keys", help="comma-separated key globs to record (default: the config's "
+                                        "\"trace\": {\"keys\": [...]}, else all)")
+    p.add_argument("--trace-steps", type=int, help="record only the first N steps")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(handler=main)
     return p
@@ -106,7 +117,12 @@ def build_pipeline(args: argparse.Namespace, device: Any, dtype: Any) -> tuple[A
     """``(pipeline, prompt kwargs, model name)``."""
     from compact_hooks.integrations.diffusers.tiny import default_flux_pipeline, default_prompt_embeds
 
-    if args.model:
+    if args.model in (None, "trained"):
+        from compact_hooks.integrations.diffusers.trained import load_trained_pipeline
+
+        pipe = load_trained_pipeline(dtype=dtype, device=device)
+        return pipe, {"prompt": args.prompt or TRAINED_PROMPT}, "embedded-flux-digits"
+    if args.model != "random":
         from diffusers import DiffusionPipeline
 
         if not Path(args.model).is_dir():
@@ -304,8 +320,9 @@ def main(args: argparse.Namespace) -> int:
             else torch.device("cpu")
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (
             torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if not args.model:
-            for name, value in EMBEDDED_DEFAULTS.items():
+        defaults = {None: TRAINED_DEFAULTS, "trained": TRAINED_DEFAULTS, "random": EMBEDDED_DEFAULTS}
+        if args.model in defaults:
+            for name, value in defaults[args.model].items():
                 if getattr(args, name) is None:
                     setattr(args, name, value)
         pipe, prompt, model_name = build_pipeline(args, device, dtype)
@@ -322,8 +339,15 @@ def main(args: argparse.Namespace) -> int:
                 reference, ref_latents, ref_seconds = generate(pipe, prompt, args, device, "reference", show)
 
         hook = ch.build_hook(cfg)
+        if args.record_trace:
+            from compact_hooks.bench.trace_io import TraceRecorder, finish, trace_patterns
+
+            hook = TraceRecorder(hook, args.record_trace, trace_patterns(args.trace_keys, args.config), rank,
+                                 args.trace_steps)
         with parallelize(pipe, group, mode=args.mode, hook=hook):
             images, latents, seconds = generate(pipe, prompt, args, device, compressor_name(cfg), show)
+        if args.record_trace:
+            finish(hook, group, model=model_name, mode=args.mode, world_size=world, config=cfg.model_dump(mode="json"))
         every = gather_stats({**hook.stats(), "hostname": socket.gethostname()}, world)
         summary = summarize(every)
 
@@ -357,6 +381,12 @@ def main(args: argparse.Namespace) -> int:
             if reference is not None:
                 for i, img in enumerate(reference):
                     save_png(img, out / ("reference.png" if len(reference) == 1 else f"reference_{i:03d}.png"))
+            if model_name == "embedded-flux-digits":
+                from compact_hooks.integrations.diffusers.trained import image_grid
+
+                save_png(image_grid(images, len(images), 8), out / "grid.png")
+                if reference is not None:
+                    save_png(image_grid(reference, len(reference), 8), out / "reference_grid.png")
             write_json(result, out / "stats.json")
             print_table(result)
             print(f"wrote {out / 'stats.json'} and {len(images)} image(s) to {out}/")
