@@ -1,0 +1,200 @@
+"""``compact-hooks bench quality``: image quality of every method on the trained digits model.
+
+On 2 ranks (separate processes, gloo), the embedded trained FLUX-architecture digits model
+(:mod:`compact_hooks.integrations.diffusers.trained`) samples every asked class for each seed with
+Ulysses sequence parallelism, once per method: uncompressed (the reference), DistriFusion-style stale
+activations, int2 without residual (``none``), int2 residuals without error feedback (``delta``), and
+CompactFusion residuals with error feedback (``ef``) for int1, int2, int2cf, int4 and lowrank (the
+codec's defaults, rank 32, and rank 4 with 8-bit factors). Each method's images are compared with
+the reference images of the same seeds: PSNR, SSIM
+(scikit-image's ``structural_similarity``), the digits classifier's agreement with the asked class,
+and the wire bytes per image summed over ranks. LPIPS is ``null``: its networks' weights are not in a
+pip package (the ``lpips`` package downloads torchvision's backbone weights at run time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+COLLECTIVES = ["all_gather", "all_to_all", "ring_exchange"]
+LOWRANK = {"name": "lowrank"}  # the codec's defaults: rank 32, fp16 factors
+LOWRANK_SMALL = {"name": "lowrank", "rank": 4, "factor_bits": 8}
+# (name, hook config); every compact config sends the first step in full (warmup_steps 1)
+METHODS: list[tuple[str, dict[str, Any]]] = [
+    ("uncompressed", {"hook": "passthrough"}),
+    ("stale", {"hook": "stale"}),
+    ("naive int2", {"compressor": "int2", "residual": "none"}),
+    ("delta int2", {"compressor": "int2", "residual": "delta"}),
+    ("compact int1", {"compressor": "int1", "residual": "ef"}),
+    ("compact int2", {"compressor": "int2", "residual": "ef"}),
+    ("compact int2cf", {"compressor": "int2cf", "residual": "ef"}),
+    ("compact int4", {"compressor": "int4", "residual": "ef"}),
+    ("compact lowrank", {"compressor": LOWRANK, "residual": "ef"}),
+    ("compact lowrank r4", {"compressor": LOWRANK_SMALL, "residual": "ef"}),
+]
+LPIPS_NOTE = ("null: LPIPS needs pretrained AlexNet/VGG weights that no pip package ships "
+              "(the lpips package fetches torchvision's at run time; this machine has no downloads)")
+
+
+def method_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"enabled": True, "warmup_steps": 1, "collectives": COLLECTIVES, **cfg}
+
+
+def rank_main(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run on each rank: every method's images (rank 0 keeps them) and this rank's hook byte counters."""
+    import torch.distributed as dist
+
+    import compact_hooks as ch
+    from compact_hooks.integrations.diffusers import parallelize
+    from compact_hooks.integrations.diffusers.trained import load_trained_pipeline
+
+    torch.set_num_threads(1)
+    pipe = load_trained_pipeline(spec.get("weights"))
+    pipe.set_progress_bar_config(disable=True)
+    prompt = [str(c) for c in spec["classes"]]
+    out: dict[str, Any] = {}
+    for name, cfg in spec["methods"]:
+        hook = ch.build_hook({"compact_hooks": method_config(cfg)})
+        images = []
+        start = time.perf_counter()
+        with parallelize(pipe, dist.group.WORLD, mode="ulysses", hook=hook):
+            for seed in spec["seeds"]:
+                images.append(pipe(prompt, num_inference_steps=spec["steps"],
+                                   generator=torch.Generator().manual_seed(seed)).images)
+        stats = hook.stats()
+        out[name] = {"images": torch.cat(images) if rank == 0 else None, "seconds": time.perf_counter() - start,
+                     "raw_bytes": int(stats.get("raw_bytes", 0)), "wire_bytes": int(stats.get("wire_bytes", 0))}
+    return out
+
+
+def psnr_db(x: torch.Tensor, ref: torch.Tensor) -> Optional[float]:
+    """Mean over images of the PSNR (images in [0, 1]); ``None`` if all are identical."""
+    mse = ((x.float() - ref.float()) ** 2).flatten(1).mean(1)
+    if bool((mse == 0).all()):
+        return None
+    return float((10 * torch.log10(1.0 / mse.clamp_min(1e-12))).mean())
+
+
+def ssim(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean SSIM (scikit-image, data range 1, 7x7 windows) over ``[N, 1, H, W]`` images."""
+    try:
+        from skimage.metrics import structural_similarity
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("bench quality needs scikit-image: pip install 'compact-hooks[quality]'") from exc
+    vals = [structural_similarity(a[0].double().numpy(), b[0].double().numpy(), data_range=1.0)
+            for a, b in zip(x, ref)]
+    return float(sum(vals) / len(vals))
+
+
+def evaluate(results: dict[str, Any], classes: list[int], n_seeds: int) -> list[dict[str, Any]]:
+    """``methods[]`` rows from the per-rank results (rank 0's images, every rank's bytes)."""
+    from compact_hooks.integrations.diffusers.digits_check import classify, digits_classifier
+
+    ref = results[0]["uncompressed"]["images"]
+    n = ref.shape[0]
+    asked = torch.tensor(classes).repeat(n_seeds)
+    clf = digits_classifier()
+    raw = max(sum(r[name]["raw_bytes"] for r in results) for name in results[0])
+    rows = []
+    for name in results[0]:
+        images = results[0][name]["images"]
+        wire = sum(r[name]["wire_bytes"] for r in results) if name != "uncompressed" else raw
+        wire = wire or raw
+        rows.append({
+            "name": name, "psnr_db": psnr_db(images, ref), "ssim": ssim(images, ref), "lpips_or_null": None,
+            "wire_bytes_per_image": wire / n, "ratio": raw / wire if wire else None,
+            "class_accuracy": float((classify(images, clf) == asked).float().mean()),
+            "seconds": max(r[name]["seconds"] for r in results),
+        })
+    return rows
+
+
+def save_grid(results: dict[str, Any], names: list[str], path: Path, cols: int, scale: int = 4,
+              gap: int = 2, label_width: int = 120) -> None:
+    """One labelled row per method (reference first): its first ``cols`` images, ``scale``x upscaled."""
+    from PIL import Image, ImageDraw
+
+    size = int(results[names[0]]["images"].shape[-1]) * scale
+    canvas = Image.new("L", (label_width + cols * (size + gap), len(names) * (size + gap)), color=255)
+    draw = ImageDraw.Draw(canvas)
+    for row, name in enumerate(names):
+        y = row * (size + gap)
+        draw.text((4, y + size // 2 - 5), name, fill=0)
+        for col, img in enumerate(results[name]["images"][:cols]):
+            cell = (img[0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+            tile = Image.fromarray(cell).resize((size, size), Image.NEAREST)
+            canvas.paste(tile, (label_width + col * (size + gap), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def run(steps: int = 20, seeds: tuple[int, ...] = (0, 1, 2), classes: tuple[int, ...] = tuple(range(10)),
+        world: int = 2, out: Optional[Path] = None, methods: Optional[list[str]] = None,
+        weights: Optional[str] = None) -> dict[str, Any]:
+    from compact_hooks.launcher.local import run_ranks
+
+    chosen = [(n, c) for n, c in METHODS if methods is None or n in methods or n == "uncompressed"]
+    unknown = set(methods or ()) - {n for n, _ in METHODS}
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {[n for n, _ in METHODS]}")
+    spec = {"steps": steps, "seeds": list(seeds), "classes": list(classes), "methods": chosen, "weights": weights}
+    start = time.perf_counter()
+    results = run_ranks(rank_main, world, spec)
+    rows = evaluate(results, list(classes), len(seeds))
+    result: dict[str, Any] = {
+        "model": "embedded-flux-digits", "mode": "ulysses", "world_size": world, "steps": steps,
+        "seeds": list(seeds), "classes": list(classes), "images_per_method": len(seeds) * len(classes),
+        "reference": "uncompressed", "lpips": LPIPS_NOTE, "lowrank": LOWRANK, "lowrank_r4": LOWRANK_SMALL, "methods": rows,
+        "seconds": time.perf_counter() - start,
+    }
+    if out is not None:
+        grid = out / "quality.png"
+        save_grid(results[0], [n for n, _ in chosen], grid, cols=len(classes))
+        (out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
+        result["grid"] = str(grid)
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"{result['model']}: {result['world_size']} ranks {result['mode']}, {result['steps']} steps, "
+          f"{result['images_per_method']} images per method, vs {result['reference']}")
+    print(f"{'method':<19} {'PSNR dB':>8} {'SSIM':>6} {'class acc':>9} {'bytes/img':>10} {'ratio':>7}")
+    for m in result["methods"]:
+        psnr = "inf" if m["psnr_db"] is None else f"{m['psnr_db']:.2f}"
+        ratio = "-" if m["ratio"] is None or math.isinf(m["ratio"]) else f"{m['ratio']:.2f}x"
+        print(f"{m['name']:<19} {psnr:>8} {m['ssim']:>6.4f} {m['class_accuracy']:>9.3f} "
+              f"{m['wire_bytes_per_image']:>10.0f} {ratio:>7}")
+
+
+def main_quality(args: argparse.Namespace) -> int:
+    result = run(args.steps, tuple(args.seeds), tuple(args.classes), args.world_size,
+                 Path(args.out) if args.out else None, args.methods, args.weights)
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        print()
+    else:
+        print_table(result)
+    return 0
+
+
+def add_parser(kinds: argparse._SubParsersAction) -> None:
+    """Register ``bench quality`` on ``compact-hooks bench``'s subparsers."""
+    p = kinds.add_parser("quality", help="image quality of every method on the trained digits model (2 ranks)",
+                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--classes", type=int, nargs="+", default=list(range(10)))
+    p.add_argument("--world-size", type=int, default=2, help="ranks (the 4 heads allow 1, 2 or 4)")
+    p.add_argument("--methods", nargs="+", help="method names (default: all; the reference always runs)")
+    p.add_argument("--out", default="out/quality", help="writes quality.png and quality.json here ('' : none)")
+    p.add_argument("--weights", help="a trained digits model directory (default: the shipped weights)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=main_quality)
