@@ -96,7 +96,7 @@ def state_args(mode: str, x: Optional[torch.Tensor], base, velocity, previous_x,
                dummy: torch.Tensor, flag: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The kernels' tensor arguments (``dummy`` where a mode has no such tensor: never read)."""
     def arg(t: Optional[torch.Tensor]) -> torch.Tensor:
-        return bits_view(t) if t is not None else dummy
+        return bits_view(t.contiguous()) if t is not None else dummy  # the kernels index flat memory
 
     return dict(x_ptr=arg(x), base_ptr=arg(base), vel_ptr=arg(velocity), prev_ptr=arg(previous_x),
                 out_base_ptr=arg(out.base), out_vel_ptr=arg(out.velocity), out_prev_ptr=arg(out.previous_x),
