@@ -70,6 +70,32 @@ def _store_kind(ptr, offs, v, mask, KIND: tl.constexpr):
 
 
 @triton.jit
+def _store_output(ptr, offs, v, mask, bad, KIND: tl.constexpr, POISON: tl.constexpr):
+    """Store a reconstruction; with ``POISON``, all-NaN when ``bad`` (the payload's flag byte), with
+    the bits of torch's ``float("nan")`` in each dtype (what ``torch.full`` writes)."""
+    if not POISON:
+        _store_kind(ptr, offs, v, mask, KIND)
+    elif KIND == 0:
+        bits = tl.where(bad, 0x7FC00000, v.to(tl.int32, bitcast=True))
+        tl.store(ptr + offs, bits.to(tl.float32, bitcast=True), mask=mask)
+    elif KIND == 1:
+        bits = v.to(tl.float16).to(tl.int16, bitcast=True)
+        tl.store(ptr + offs, tl.where(bad, tl.full(bits.shape, 0x7E00, tl.int16), bits), mask=mask)
+    else:
+        bits = (v.to(tl.int32, bitcast=True) >> 16).to(tl.int16)
+        tl.store(ptr + offs, tl.where(bad, tl.full(bits.shape, 0x7FC0, tl.int16), bits), mask=mask)
+
+
+@triton.jit
+def _flag_of(flag_byte_ptr, DECODE: tl.constexpr):
+    """Receivers: whether the payload's flag byte is set (a device read, no host sync)."""
+    bad = False
+    if DECODE:
+        bad = tl.load(flag_byte_ptr) != 0
+    return bad
+
+
+@triton.jit
 def _prediction(base_ptr, vel_ptr, offs, mask, B_KIND: tl.constexpr, MODE: tl.constexpr,
                 HAS_VEL: tl.constexpr):
     """``(base as float32, predict())`` of :class:`Channel` (``ef2`` adds the velocity; ``none``
@@ -114,18 +140,20 @@ def _residual(x_ptr, base_ptr, vel_ptr, prev_ptr, out_prev_ptr, flag_ptr, offs, 
 
 
 @triton.jit
-def _apply(dec, base, pred, offs, valid, out_base_ptr, out_vel_ptr, out_recon_ptr,
-           X_KIND: tl.constexpr, B_KIND: tl.constexpr, MODE: tl.constexpr, WRITE_RECON: tl.constexpr):
-    """``Channel._update`` (or, for ``none``, the decoded tensor in the input dtype)."""
+def _apply(dec, base, pred, offs, valid, out_base_ptr, out_vel_ptr, out_recon_ptr, bad,
+           X_KIND: tl.constexpr, B_KIND: tl.constexpr, MODE: tl.constexpr, WRITE_RECON: tl.constexpr,
+           POISON: tl.constexpr):
+    """``Channel._update`` (or, for ``none``, the decoded tensor in the input dtype); a receiver
+    (``POISON``) writes its output all-NaN for a flagged payload (never the base)."""
     if MODE == 0:
-        _store_kind(out_recon_ptr, offs, _round_to(dec, X_KIND), valid, X_KIND)
+        _store_output(out_recon_ptr, offs, _round_to(dec, X_KIND), valid, bad, X_KIND, POISON)
     else:
         stored = _round_to(pred + dec, B_KIND)
         _store_kind(out_base_ptr, offs, stored, valid, B_KIND)
         if MODE == 3:
             _store_kind(out_vel_ptr, offs, _round_to(stored - base, B_KIND), valid, B_KIND)
         if WRITE_RECON:
-            _store_kind(out_recon_ptr, offs, _round_to(stored, X_KIND), valid, X_KIND)
+            _store_output(out_recon_ptr, offs, _round_to(stored, X_KIND), valid, bad, X_KIND, POISON)
 
 
 @triton.jit
@@ -173,7 +201,7 @@ def _write_header(hdr_ptr, h0, h1, h2, h3):
 def group_tile_kernel(
     x_ptr, base_ptr, vel_ptr, prev_ptr,
     hdr_ptr, scale_ptr, code_ptr,
-    out_base_ptr, out_vel_ptr, out_prev_ptr, out_recon_ptr, flag_ptr,
+    out_base_ptr, out_vel_ptr, out_prev_ptr, out_recon_ptr, flag_ptr, flag_byte_ptr,
     h0, h1, h2, h3,
     n_groups, groups, C, g, limit,
     X_KIND: tl.constexpr, B_KIND: tl.constexpr, MODE: tl.constexpr, HAS_VEL: tl.constexpr,
@@ -220,14 +248,14 @@ def group_tile_kernel(
     if DECODE or PACK:
         dec = (code - OFF).to(tl.float32) * s32
         _apply(dec, base, pred, offs, valid, out_base_ptr, out_vel_ptr, out_recon_ptr,
-               X_KIND, B_KIND, MODE, WRITE_RECON)
+               _flag_of(flag_byte_ptr, DECODE), X_KIND, B_KIND, MODE, WRITE_RECON, DECODE)
 
 
 @triton.jit
 def flat_kernel(
     x_ptr, base_ptr, vel_ptr, prev_ptr,
     scale_ptr, code_ptr,
-    out_base_ptr, out_vel_ptr, out_prev_ptr, out_recon_ptr, flag_ptr,
+    out_base_ptr, out_vel_ptr, out_prev_ptr, out_recon_ptr, flag_ptr, flag_byte_ptr,
     n, n_bytes, groups, C, g,
     X_KIND: tl.constexpr, B_KIND: tl.constexpr, MODE: tl.constexpr, HAS_VEL: tl.constexpr,
     WRITE_RECON: tl.constexpr, DECODE: tl.constexpr,
@@ -258,4 +286,4 @@ def flat_kernel(
         tl.store(code_ptr + b, packed.to(tl.uint8), mask=b < n_bytes)
     dec = (code - OFF).to(tl.float32) * s32
     _apply(dec, base, pred, e, valid, out_base_ptr, out_vel_ptr, out_recon_ptr,
-           X_KIND, B_KIND, MODE, WRITE_RECON)
+           _flag_of(flag_byte_ptr, DECODE), X_KIND, B_KIND, MODE, WRITE_RECON, DECODE)

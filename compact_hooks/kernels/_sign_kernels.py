@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._group_kernels import _apply, _load_f32, _prediction, _residual, _store_kind, _write_header
+from ._group_kernels import _apply, _flag_of, _load_f32, _prediction, _residual, _store_kind, _write_header
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def sign_abs_kernel(
 def sign_pack_kernel(
     x_ptr, base_ptr, vel_ptr, prev_ptr,
     hdr_ptr, ch_ptr, tok_ptr, code_ptr,
-    out_base_ptr, out_vel_ptr, out_prev_ptr, out_recon_ptr, flag_ptr,
+    out_base_ptr, out_vel_ptr, out_prev_ptr, out_recon_ptr, flag_ptr, flag_byte_ptr,
     h0, h1, h2, h3, n, n_bytes, C,
     X_KIND: tl.constexpr, B_KIND: tl.constexpr, MODE: tl.constexpr, HAS_VEL: tl.constexpr,
     WRITE_RECON: tl.constexpr, DECODE: tl.constexpr, CODEBOOK: tl.constexpr,
@@ -76,4 +76,4 @@ def sign_pack_kernel(
         level = tl.where((code & 1) != 0, -magnitude, magnitude)
     dec = (level * tok) * ch
     _apply(dec, base, pred, e, valid, out_base_ptr, out_vel_ptr, out_recon_ptr,
-           X_KIND, B_KIND, MODE, WRITE_RECON)
+           _flag_of(flag_byte_ptr, DECODE), X_KIND, B_KIND, MODE, WRITE_RECON, DECODE)

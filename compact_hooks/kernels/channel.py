@@ -54,4 +54,4 @@ def decode(channel: Any, payload: torch.Tensor, shape: tuple[int, ...], dtype: t
         channel.base = step.base
     if mode == "ef2":
         channel.velocity = step.velocity
-    return poison_if(step.recon, flag)
+    return step.recon  # the kernel wrote it all-NaN if the payload is flagged

@@ -81,26 +81,31 @@ def check_payload(payload: torch.Tensor, expected: int, shape: torch.Size) -> to
 
 
 def outputs(mode: str, shape: torch.Size, x_dtype: torch.dtype, base: Optional[torch.Tensor],
-            device: torch.device) -> StepResult:
-    """New tensors for the step's results (a step never writes the old base)."""
+            device: torch.device, receiver: bool = False) -> StepResult:
+    """New tensors for the step's results (a step never writes the old base). A receiver's output is
+    never its new base: the kernel writes it all-NaN for a flagged payload."""
     if mode == "none":
         return StepResult(recon=torch.empty(shape, dtype=x_dtype, device=device))
     assert base is not None
     new_base = torch.empty(shape, dtype=base.dtype, device=device)
-    recon = new_base if base.dtype == x_dtype else torch.empty(shape, dtype=x_dtype, device=device)
+    share = base.dtype == x_dtype and not receiver
+    recon = new_base if share else torch.empty(shape, dtype=x_dtype, device=device)
     velocity = torch.empty_like(new_base) if mode == "ef2" else None
     return StepResult(recon=recon, base=new_base, velocity=velocity)
 
 
 def state_args(mode: str, x: Optional[torch.Tensor], base, velocity, previous_x, out: StepResult,
-               dummy: torch.Tensor, flag: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The kernels' tensor arguments (``dummy`` where a mode has no such tensor: never read)."""
+               dummy: torch.Tensor, flag: Optional[torch.Tensor],
+               flag_byte: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """The kernels' tensor arguments (``dummy`` where a mode has no such tensor: never read);
+    ``flag`` is the sender's int32 non-finite flag, ``flag_byte`` the receiver's payload flag byte."""
     def arg(t: Optional[torch.Tensor]) -> torch.Tensor:
         return bits_view(t.contiguous()) if t is not None else dummy  # the kernels index flat memory
 
     return dict(x_ptr=arg(x), base_ptr=arg(base), vel_ptr=arg(velocity), prev_ptr=arg(previous_x),
                 out_base_ptr=arg(out.base), out_vel_ptr=arg(out.velocity), out_prev_ptr=arg(out.previous_x),
-                out_recon_ptr=arg(out.recon), flag_ptr=flag if flag is not None else dummy)
+                out_recon_ptr=arg(out.recon), flag_ptr=flag if flag is not None else dummy,
+                flag_byte_ptr=flag_byte if flag_byte is not None else dummy)
 
 
 def kind_args(mode: str, x_dtype: torch.dtype, base: Optional[torch.Tensor], velocity, out: StepResult) -> dict:

@@ -145,7 +145,8 @@ def decode_step(codec: Int8Compressor, mode: str, payload: torch.Tensor, shape: 
                 dtype: torch.dtype, base: Optional[torch.Tensor],
                 velocity: Optional[torch.Tensor] = None) -> StepResult:
     """The receiver's step of :meth:`Channel.decode` (not a full send) for a group quantizer, fused:
-    the reconstruction in ``dtype`` (not yet poisoned) and the new base / velocity."""
+    the reconstruction in ``dtype`` (all-NaN when the payload's flag byte is set, as the torch path
+    returns it) and the new base / velocity."""
     import triton
 
     from ._group_kernels import flat_kernel, group_tile_kernel
@@ -160,8 +161,8 @@ def decode_step(codec: Int8Compressor, mode: str, payload: torch.Tensor, shape: 
     payload = check_payload(payload, expected, size)
     scales = payload[HEADER_NBYTES:HEADER_NBYTES + 2 * layout.n_scales].view(torch.int16)
     codes = payload[HEADER_NBYTES + 2 * layout.n_scales:expected]
-    out = outputs(mode, size, dtype, base, payload.device)
-    args = state_args(mode, None, base, velocity, None, out, payload, None)
+    out = outputs(mode, size, dtype, base, payload.device, receiver=True)
+    args = state_args(mode, None, base, velocity, None, out, payload, None, payload[FLAGS_BYTE:])
     kinds = kind_args(mode, dtype, base, velocity, out)
     if layout.aligned:
         group_tile_kernel[(triton.cdiv(layout.n_scales, layout.block_groups),)](

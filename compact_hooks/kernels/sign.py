@@ -99,8 +99,8 @@ def decode_step(codec: Int1Compressor, mode: str, payload: torch.Tensor, shape: 
     expected = codec.payload_nbytes(size, dtype if mode == "none" else torch.float32)
     payload = check_payload(payload, expected, size)
     ch_bits, tok_bits, codes = _fields(payload[:expected], tokens, channels)
-    out = outputs(mode, size, dtype, base, payload.device)
-    args = state_args(mode, None, base, velocity, None, out, payload, None)
+    out = outputs(mode, size, dtype, base, payload.device, receiver=True)
+    args = state_args(mode, None, base, velocity, None, out, payload, None, payload[FLAGS_BYTE:])
     kinds = kind_args(mode, dtype, base, velocity, out)
     _pack(sign_pack_kernel, codec, size.numel(), channels, ch_bits, tok_bits, codes, True, args, kinds,
           (0, 0, 0, 0), payload)
