@@ -20,12 +20,12 @@ import argparse
 
 import torch
 import torch.distributed as dist
-
-import compact_hooks as ch
-from compact_hooks.hooks.links import LinkAwareHook
 from compact_hooks.integrations.diffusers import parallelize
 from compact_hooks.integrations.diffusers.tiny import default_flux_pipeline, default_prompt_embeds
 from compact_hooks.launcher.mpi import init_distributed
+
+import compact_hooks as ch
+from compact_hooks.hooks.links import LinkAwareHook
 from compact_hooks.topology import Topology
 
 

@@ -7,8 +7,9 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from compact_hooks.bench.e2e_usp import run_usp_bench  # noqa: E402
 from compact_hooks.launcher import netns  # noqa: E402
+
+from compact_hooks.bench.e2e_usp import run_usp_bench  # noqa: E402
 
 pytestmark = pytest.mark.multinode
 

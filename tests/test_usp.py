@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 pytest.importorskip("diffusers")
 
 from compact_hooks.integrations.diffusers.usp import check_degrees, default_degrees, usp_grid  # noqa: E402
+
 from tests.distributed import run_ranks  # noqa: E402
 from tests.usp_workers import USP_CASES, link_worker, usp_parity_worker  # noqa: E402
 

@@ -57,11 +57,10 @@ def yunchang_worker(rank: int, world: int, layouts: list[tuple[int, int]]) -> di
     and an int2 error-feedback run over drifting inputs."""
     torch.set_num_threads(1)
     import yunchang
+    from compact_hooks.integrations.yunchang import YunchangHooks, cpu_flash_attention, hook_yunchang
     from yunchang import LongContextAttention, UlyssesAttention, set_seq_parallel_pg
     from yunchang.globals import PROCESS_GROUP
     from yunchang.kernels import AttnType
-
-    from compact_hooks.integrations.yunchang import YunchangHooks, cpu_flash_attention, hook_yunchang
 
     out: dict[str, Any] = {"version": yunchang.__version__}
     with cpu_flash_attention() as registered:

@@ -130,7 +130,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         progress(bench, f"rate {args.rate}: {world} ranks on {len(set(hosts))} hosts, model {args.model}, "
                         f"{args.steps} steps, USP")
         rows = methods(bench, args.codec, args.warmup_codec)
-        result = {"rate": args.rate, "world": world, "model": model_info(args.model), "hosts": list(hosts), "steps": args.steps, "methods": rows,
+        result = {"rate": args.rate, "world": world, "model": model_info(args.model), "hosts": list(hosts),
+                  "steps": args.steps, "methods": rows,
                   "codec": args.codec, "warmup_codec": args.warmup_codec, "threads_per_rank": torch.get_num_threads()}
         if rank == 0:
             with open(args.result, "w") as f:
