@@ -36,6 +36,14 @@ def default_codecs() -> list[Any]:
     return [name for name in available_compressors() if name != "none"]
 
 
+def codec_label(codec: Any) -> str:
+    """``int2`` or ``lowrank(factor_bits=8,rank=4)`` for a name or spec."""
+    if isinstance(codec, str):
+        return codec
+    params = ",".join(f"{k}={v}" for k, v in sorted(codec.items()) if k != "name")
+    return f"{codec.get('name')}({params})" if params else str(codec.get("name"))
+
+
 def _rel(y: torch.Tensor, x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(y.float() - x.float()) / torch.linalg.vector_norm(x.float()).clamp_min(1e-30))
 
@@ -112,7 +120,7 @@ def replay(trace: str, codecs: Optional[Sequence[Any]] = None, modes: Sequence[s
                 overall.extend([] for _ in range(len(by_step) - len(overall)))
                 for i, errs in enumerate(by_step):
                     overall[i].append(_mean(errs))
-            results.append({"codec": codec if isinstance(codec, str) else json.dumps(codec, sort_keys=True),
+            results.append({"codec": codec_label(codec), "spec": codec,
                             "mode": mode, "raw_bytes": total_raw, "wire_bytes": total_wire,
                             "ratio": total_raw / total_wire if total_wire else None, "error": _summary(overall),
                             "per_key": per_key})
@@ -123,7 +131,7 @@ def replay(trace: str, codecs: Optional[Sequence[Any]] = None, modes: Sequence[s
 def print_table(result: dict[str, Any]) -> None:
     print(f"trace {result['trace']}: model {result['model']}, {result['world_size']} ranks, "
           f"{result['steps']} steps, {len(result['keys'])} keys")
-    print(f"{'codec':<28} {'mode':<6} {'ratio':>7} {'err mean':>9} {'err final':>9} {'err max':>9}")
+    print(f"{'codec':<32} {'mode':<6} {'ratio':>7} {'err mean':>9} {'err final':>9} {'err max':>9}")
     for r in result["results"]:
         e = r["error"]
 
@@ -131,7 +139,7 @@ def print_table(result: dict[str, Any]) -> None:
             return "-" if v is None or math.isnan(v) else f"{v:.2e}"
 
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        print(f"{r['codec'][:28]:<28} {r['mode']:<6} {ratio:>7} {f(e['mean']):>9} {f(e['final']):>9} {f(e['max']):>9}")
+        print(f"{r['codec']:<32} {r['mode']:<6} {ratio:>7} {f(e['mean']):>9} {f(e['final']):>9} {f(e['max']):>9}")
 
 
 def main_trace(args: argparse.Namespace) -> int:
