@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
+from diffusers import FluxPipeline
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights" / "flux-digits"
 EMBEDDINGS_FILE = "class_embeddings.safetensors"
@@ -96,13 +97,7 @@ def labels_of(prompt: Prompt) -> list[int]:
     return labels
 
 
-def _pipeline_base() -> type:
-    from diffusers import FluxPipeline
-
-    return FluxPipeline
-
-
-class DigitsFluxPipeline(_pipeline_base()):  # type: ignore[misc]
+class DigitsFluxPipeline(FluxPipeline):
     """``FluxPipeline`` whose prompt is a digit class; the latent is the image (no VAE, no text encoders)."""
 
     def __init__(self, scheduler: Any, vae: Any = None, text_encoder: Any = None, tokenizer: Any = None,
@@ -127,7 +122,7 @@ class DigitsFluxPipeline(_pipeline_base()):  # type: ignore[misc]
         if not self.embeddings:
             raise RuntimeError("no class embeddings: use load_trained_pipeline() or set_class_embeddings()")
         idx = torch.tensor(labels_of(prompt))
-        p = self.transformer.parameters().__next__()
+        p = next(self.transformer.parameters())
         return {k: v[idx].to(device=p.device, dtype=p.dtype) for k, v in self.embeddings.items()}
 
     @torch.no_grad()
