@@ -262,20 +262,23 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from compact_hooks.kernels import _group_kernels, _sign_kernels, common
 
-POINTERS = {"hdr_ptr": "*i32", "code_ptr": "*u8", "flag_ptr": "*i32", "abs_ptr": "*fp32", "limit": "fp32"}
+POINTERS = {"hdr_ptr": "*i32", "code_ptr": "*u8", "flag_ptr": "*i32", "flag_byte_ptr": "*u8", "abs_ptr": "*fp32",
+            "limit": "fp32"}
 KINDS = dict(X_KIND=2, B_KIND=1, MODE=3, HAS_VEL=True, WRITE_RECON=True)
 CASES = {
     "group_tile": (_group_kernels.group_tile_kernel,
-                   dict(KINDS, DECODE=False, PACK=True, BITS=2, BLOCK_G=32, GPB=32, PER_BYTE=4)),
-    "flat": (_group_kernels.flat_kernel, dict(KINDS, DECODE=False, BITS=4, BLOCK=2048, PER_BYTE=2)),
-    "sign_encode": (_sign_kernels.sign_pack_kernel, dict(KINDS, DECODE=False, CODEBOOK=1, BLOCK=1024, PER_BYTE=4)),
+                   dict(KINDS, DECODE=False, PACK=True, BITS=2, BLOCK_G=16, GPB=32, PER_BYTE=4)),
+    "group_tile_decode": (_group_kernels.group_tile_kernel,
+                          dict(KINDS, DECODE=True, PACK=False, BITS=4, BLOCK_G=16, GPB=64, PER_BYTE=2)),
+    "flat": (_group_kernels.flat_kernel, dict(KINDS, DECODE=False, BITS=4, BLOCK=1024, PER_BYTE=2)),
+    "sign_encode": (_sign_kernels.sign_pack_kernel, dict(KINDS, DECODE=False, CODEBOOK=1, BLOCK=512, PER_BYTE=4)),
 }
 found = {}
 for case, (fn, constexprs) in CASES.items():
     signature = {n: "constexpr" if n in constexprs else POINTERS.get(n, "*i16" if n.endswith("_ptr") else "i32")
                  for n in fn.arg_names}
     src = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    options = {**common.launch_options(), "num_warps": 4}
+    options = common.launch_options()
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
     found[case] = {"memory": "ld.global" in ptx and "st.global" in ptx,
                    "fma": re.findall(r"\\b(?:fma\\.rn|mad)\\.f32", ptx)[:3],
@@ -297,7 +300,7 @@ def test_compiled_kernels_round_like_torch():
         assert found["memory"], f"{case}: the PTX has no global loads and stores: not the kernel"
         assert found["fma"] == [], f"{case}: contracted multiply-add in the PTX: {found['fma']}"
         assert found["approx"] == [] and not found["ftz"], f"{case}: approximate or flush-to-zero arithmetic: {found}"
-        if case != "sign_encode":
+        if case in ("group_tile", "flat"):
             assert found["div_rn"], f"{case}: 1/scale must be the IEEE division div.rn.f32"
 
 

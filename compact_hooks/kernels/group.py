@@ -82,6 +82,11 @@ class Layout:
     def block_groups(self) -> int:
         return max(1, TILE // (self.group_bytes_p2 * self.per_byte))
 
+    @property
+    def tile_elements(self) -> int:
+        """Values one program of the group-tile kernel handles (padding included)."""
+        return self.block_groups * self.group_bytes_p2 * self.per_byte
+
 
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -133,7 +138,7 @@ def encode_step(codec: Int8Compressor, mode: str, x: torch.Tensor, base: Optiona
         h0=h[0], h1=h[1], h2=h[2], h3=h[3], n_groups=layout.n_scales, groups=layout.groups,
         C=layout.channels, g=layout.group, limit=grid.scale_limit(enc_dtype), DECODE=False,
         PACK=layout.aligned, BITS=grid.bits, BLOCK_G=layout.block_groups, GPB=layout.group_bytes_p2,
-        PER_BYTE=layout.per_byte, **args, **kinds, **launch_options())
+        PER_BYTE=layout.per_byte, **args, **kinds, **launch_options(layout.tile_elements))
     if not layout.aligned:
         _flat(flat_kernel, layout, scales, codes, False, args, kinds)
     payload[FLAGS_BYTE] = flag[0]
@@ -169,7 +174,8 @@ def decode_step(codec: Int8Compressor, mode: str, payload: torch.Tensor, shape: 
             hdr_ptr=payload, scale_ptr=scales, code_ptr=codes, h0=0, h1=0, h2=0, h3=0,
             n_groups=layout.n_scales, groups=layout.groups, C=layout.channels, g=layout.group,
             limit=0.0, DECODE=True, PACK=False, BITS=grid.bits, BLOCK_G=layout.block_groups,
-            GPB=layout.group_bytes_p2, PER_BYTE=layout.per_byte, **args, **kinds, **launch_options())
+            GPB=layout.group_bytes_p2, PER_BYTE=layout.per_byte, **args, **kinds,
+            **launch_options(layout.tile_elements))
     else:
         _flat(flat_kernel, layout, scales, codes, True, args, kinds)
     return out
