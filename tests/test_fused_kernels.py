@@ -238,6 +238,18 @@ def test_dispatch():
     assert not kernels.use_fused("triton", build_compressor({"name": "int8", "group_size": 20000}), DEVICE, (2, 20000))
 
 
+def test_without_triton_auto_takes_the_torch_path_and_triton_says_why(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if it were not installed
+    assert not kernels.triton_available()
+    assert not kernels.use_fused("auto", build_compressor("int2"), torch.device("cuda"), (4, 8))
+    with pytest.raises(RuntimeError, match="pip install triton"):
+        kernels.use_fused("triton", build_compressor("int2"), DEVICE, (4, 8))
+    monkeypatch.undo()
+    monkeypatch.setattr(dispatch, "interpreting", lambda: False)  # triton there, but compiled kernels only
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        kernels.use_fused("triton", build_compressor("int2"), torch.device("cpu"), (4, 8))
+
+
 FUSED_SOURCES = [channel, common, dispatch, group, sign, _group_kernels, _sign_kernels]
 HOST_READS = [r"\.item\(", r"\bbool\(", r"\.cpu\(", r"\.tolist\(", r"torch\.tensor\(", r"\.numpy\(",
               r"torch\.frombuffer\(", r"\.to\(\s*[\"']cpu", r"header_tensor\(", r"\.synchronize\("]

@@ -28,7 +28,12 @@ _KERNEL_MODULE = "compact_hooks.kernels._group_kernels"
 
 def triton_available() -> bool:
     """Whether ``import triton`` can succeed (nothing is imported here)."""
-    return "triton" in sys.modules or importlib.util.find_spec("triton") is not None
+    if "triton" in sys.modules:
+        return sys.modules["triton"] is not None  # None: imports of it are blocked
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def interpreting() -> bool:
