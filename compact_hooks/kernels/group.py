@@ -9,7 +9,10 @@ Passes per step (each pass reads and writes every element once):
   the base update), since a byte can then hold codes of two groups;
 * decode: ONE kernel (unpack, dequantize, base update), for every layout.
 
-After the kernels, one tiny device op copies the non-finite flag into the header's flag byte.
+Around them, a sender makes a few device ops on single values (zero the non-finite flag, copy it into
+the header's flag byte) and the caller's one ``torch.where`` pass for the all-NaN output of a flagged
+step; a receiver's kernel reads the flag byte itself and writes its output NaN (never its base).
+Every step writes new tensors (the old base is never written).
 """
 
 from __future__ import annotations
