@@ -17,7 +17,7 @@ pytest.importorskip("diffusers")
 from compact_hooks.integrations.diffusers.usp import check_degrees, default_degrees, usp_grid  # noqa: E402
 
 from tests.distributed import run_ranks  # noqa: E402
-from tests.usp_workers import USP_CASES, link_worker, usp_parity_worker  # noqa: E402
+from tests.usp_workers import USP_CASES, link_property_worker, link_worker, usp_parity_worker  # noqa: E402
 
 TOL = 2e-5
 LAYOUTS = ["2x2", "2x2-interleaved", "4x1", "1x4"]
@@ -101,6 +101,22 @@ def test_link_aware_usp_compresses_only_the_ring(links4):
         assert every["intra_host"]["compression_ratio"] > 1.0
         assert only["inter_host"]["calls"] == every["inter_host"]["calls"] > 0
         assert 0.0 < res["model_err"]["inter_host"] < res["model_err"]["all"] < 0.5
+
+
+def test_routing_follows_the_link_class_for_any_hosts_and_group():
+    per_rank = run_ranks(link_property_worker, 4)
+    seen = set()
+    for records in per_rank:
+        assert len(records) == len(per_rank[0]) > 0
+        for r in filter(None, records):
+            seen.add((r["expect"], r["compressed"]))
+            assert r["link"] == r["expect"]
+            assert r["other_calls"] == 0
+            if r["compressed"]:
+                assert r["inner_calls"] == 2 and r["wire"] < r["raw"]
+            else:
+                assert r["inner_calls"] == 0 and r["exact"] and r["wire"] == r["raw"] > 0
+    assert len(seen) == 4, f"the examples did not cover every (link class, policy) outcome: {seen}"
 
 
 hosts_st = st.integers(1, 4).flatmap(lambda n_hosts: st.lists(st.integers(0, n_hosts - 1), min_size=1, max_size=12))

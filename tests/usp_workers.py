@@ -198,3 +198,42 @@ def main() -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def link_property_worker(rank: int, world: int, examples: int = 30) -> list:
+    """Hypothesis (derandomized: every rank draws the same examples; nothing raises inside, so no rank
+    shrinks alone): random host assignments, groups and policies; one record per example."""
+    torch.set_num_threads(1)
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    records: list = []
+    policies = [(), ("inter_host",), ("intra_host", "inter_host")]
+
+    @settings(derandomize=True, deadline=None, max_examples=examples, database=None)
+    @given(hosts=st.lists(st.integers(0, 2), min_size=world, max_size=world),
+           members=st.sets(st.integers(0, world - 1), min_size=2), policy=st.sampled_from(policies))
+    def check(hosts: list, members: set, policy: tuple) -> None:
+        ranks = sorted(members)
+        group = dist.new_group(ranks)  # every rank creates every group
+        if rank not in ranks:
+            records.append(None)
+            return
+        topo = Topology(f"n{hosts[rank]}")
+        compressed = CompactHook({"compressor": "int2", "warmup_steps": 0})
+        hook = LinkAwareHook(compressed, PassthroughHook(), topo, compress=policy)
+        x = torch.randn(2 * len(ranks), 512, generator=torch.Generator().manual_seed(rank))
+        exact = True
+        for step in range(2):  # the first exchange of a key is a full send, the second a residual
+            xs = x * (1.0 + 0.01 * step)
+            y = hook(CollectiveCall("all_to_all", xs, group, key="probe"))
+            exact &= bool(torch.equal(y, PassthroughHook()(CollectiveCall("all_to_all", xs, group))))
+        links = hook.stats()["links"]
+        expect = "intra_host" if len({hosts[r] for r in ranks}) == 1 else "inter_host"
+        records.append({"link": topo.link_class(group), "expect": expect, "compressed": expect in policy,
+                        "inner_calls": compressed.stats().get("calls", 0), "exact": exact,
+                        "raw": links[expect]["raw_bytes"], "wire": links[expect]["wire_bytes"],
+                        "other_calls": sum(s["calls"] for c, s in links.items() if c != expect)})
+
+    check()
+    return records
