@@ -21,7 +21,10 @@ Not routed (documented gaps): ``AsyncLongContextAttention`` (its all-to-alls run
 ``yunchang.hybrid.async_attn_layer``, one per head group, with async handles) and the backward
 passes' gradient ring (``d_kv_comm``), which a forward-only inference hook has no business
 compressing. A P2P batch that is not a ring step (a send that does not go to the next rank) takes
-torch.distributed unchanged and is counted in ``unrouted``.
+torch.distributed unchanged and is counted in ``unrouted``. The packed layouts
+(``LongContextAttentionQKVPacked``, ``use_pack_qkv=True``) are routed the same way but fail inside
+yunchang 0.6.4 itself (a missing ``attn_processor`` argument; a ``.continous()`` typo), so they are
+untested.
 
 On CPU, yunchang's pure-torch attention (``AttnType.TORCH_FLASH`` / ``ring_impl_type="basic_pytorch"``)
 calls ``aten::_scaled_dot_product_flash_attention``, which torch implements for CUDA only;
