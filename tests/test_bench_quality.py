@@ -43,6 +43,9 @@ def test_reference_is_exact_and_compression_costs_bytes_and_quality(result):
         assert m["wire_bytes_per_image"] < ref["wire_bytes_per_image"] and m["ratio"] > 1.5
         assert m["psnr_db"] is not None and 15 < m["psnr_db"] < 120 and 0 < m["ssim"] < 1
     assert by["compact int4"]["psnr_db"] > by["compact int2"]["psnr_db"]
+    # the same bytes: a residual against the shared reconstruction beats compressing the activation itself
+    assert by["compact int2"]["wire_bytes_per_image"] == by["naive int2"]["wire_bytes_per_image"]
+    assert by["compact int2"]["psnr_db"] > by["naive int2"]["psnr_db"] + 3
     assert by["compact int4"]["wire_bytes_per_image"] > by["compact int2"]["wire_bytes_per_image"]
 
 
