@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import selectors
 import statistics
@@ -43,49 +42,27 @@ from typing import Any, Optional
 from compact_hooks.bench import e2e_usp
 from compact_hooks.launcher.netns import parse_rate
 
-PROGRESS = "[bench e2e] "
-MODELS: dict[str, dict[str, Any]] = {
-    # hidden 768 = 12 x 64, 4 double + 8 single blocks, 32x32 latent patches (1024) + 64 text tokens
-    "medium": {"heads": 12, "head_dim": 64, "layers": 4, "single_layers": 8, "text_tokens": 64, "size": 128},
-    # hidden 256 = 4 x 64, 2 double + 4 single blocks, 16x16 latent patches (256) + 32 text tokens: a full
-    # 20+ step schedule of every method fits a few minutes at slow link rates
-    "small": {"heads": 4, "head_dim": 64, "layers": 2, "single_layers": 4, "text_tokens": 32, "size": 64},
-    # hidden 64 = 4 x 16, 1 + 1 blocks, 8x8 patches (64) + 8 text tokens: for tests
-    "tiny": {"heads": 4, "head_dim": 16, "layers": 1, "single_layers": 1, "text_tokens": 8, "size": 32,
-             "latent_channels": 4, "vae_blocks": (8, 8)},
-}
-DEFAULT_STEPS = 3
-PROJECT_STEPS = 28  # FLUX.1-dev's default step count, for the projection from measured step times
-# method -> its "compact_hooks" block ("lowrank" and "auto" stand for the bench's --lowrank / --auto-target specs)
-COMPACT_METHODS: dict[str, dict[str, Any]] = {
-    "compact_int2": {"compressor": "int2"},
-    "compact_int2_warm8": {"compressor": "int2", "warmup_compressor": "int8"},
-    "compact_int1": {"compressor": "int1"},
-    "compact_lowrank": {"compressor": "lowrank"},
-    "compact_auto": {"compressor": "auto"},
-}
-DEFAULT_AUTO_TARGET = 0.02
-LADDER_CODECS = {"int2": "compact_int2", "int1": "compact_int1", "lowrank": "compact_lowrank"}
-LADDER_MODES = ("none", "delta", "ef", "ef2")
-METHOD_ORDER = ("single", "compute_only", "ulysses", "allgather", "stale", *COMPACT_METHODS)
-TARGETS = {"comm_fraction": 0.9, "compact_int2": 4.0, "compact_int2_warm8": 8.0, "compact_lowrank": 12.0,
-           "x_ideal": 1.3, "overhead_pct": 2.0}
-PIPELINE_NOTE = ("diffusers FluxPipeline(output_type='latent'): FlowMatchEuler scheduler, random prompt embeds, "
-                 "no VAE decode; quality on the final packed latent")
-def lowrank_spec(rank: int = 32, factor_bits: int = 4) -> dict[str, Any]:
-    """The low-rank codec the bench uses (a fresh dict)."""
-    return {"name": "lowrank", "rank": rank, "factor_bits": factor_bits}
+from .e2e_format import format_ladder, format_overhead, format_rate, format_result, format_targets, plot_ladder
+from .e2e_setup import (
+    COMPACT_METHODS,
+    DEFAULT_AUTO_TARGET,
+    DEFAULT_STEPS,
+    LADDER_CODECS,
+    LADDER_MODES,
+    METHOD_ORDER,
+    MODELS,
+    PIPELINE_NOTE,
+    PROGRESS,
+    PROJECT_STEPS,
+    TARGETS,
+    lowrank_spec,
+    model_info,
+)
 
-
-def model_info(model: str) -> dict[str, Any]:
-    """What the named model is (tokens, hidden size, blocks)."""
-    m = MODELS[model]
-    image_tokens = (m["size"] // 4) ** 2  # FluxPipeline: VAE factor 2, then 2x2 packing
-    return {"name": model, "hidden": m["heads"] * m["head_dim"], "heads": m["heads"], "head_dim": m["head_dim"],
-            "double_blocks": m["layers"], "single_blocks": m["single_layers"], "image_tokens": image_tokens,
-            "text_tokens": m["text_tokens"], "tokens": image_tokens + m["text_tokens"],
-            "height": m["size"], "width": m["size"], "weights": "random (seeded), float32"}
-
+__all__ = ["COMPACT_METHODS", "DEFAULT_AUTO_TARGET", "DEFAULT_STEPS", "LADDER_CODECS", "LADDER_MODES", "METHOD_ORDER",
+           "MODELS", "PIPELINE_NOTE", "PROGRESS", "PROJECT_STEPS", "TARGETS", "add_parser", "assess", "derive_rate",
+           "format_ladder", "format_overhead", "format_rate", "format_result", "format_targets", "lowrank_spec",
+           "main", "model_info", "plot_ladder", "run_bench", "run_rate"]
 
 # ---- one rate: an mpirun across emulated hosts --------------------------------------------------
 
@@ -350,110 +327,6 @@ def run_bench(rates: list[str], hosts: int = 2, model: str = "medium", steps: in
 
 
 # ---- output -------------------------------------------------------------------------------------
-
-
-def _f(value: Optional[float], spec: str, scale: float = 1.0) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value * scale, spec)
-
-
-def format_rate(r: dict[str, Any]) -> str:
-    head = (f"{'method':<16}{'latency s':>10}{'step s':>8}{'MB/step':>9}{'ratio':>7}{'speedup':>8}{'ideal s':>9}"
-            f"{'x ideal':>8}{'PSNR dB':>8}{'rel-L2':>9}{'codec%':>7}{'hook s':>8}{'other s':>8}")
-    lines = [f"== rate {r['rate']} (tbf burst {r.get('tbf_burst_bytes')} B): comm fraction (uncompressed) "
-             f"{_f(r['comm_fraction_uncompressed'], '.3f')} "
-             f"(steady {_f(r['steady_comm_fraction_uncompressed'], '.3f')}), compute_only {r['compute_only_s']:.2f} s",
-             head, "-" * len(head)]
-    for m in r["methods"]:
-        name = m["name"] + ("*" if m.get("measured_in_rate") not in (None, r["rate"]) else "")
-        lines.append(
-            f"{name:<16}{m['latency_s']:>10.2f}{_f(m['steady_step_s'], '.2f'):>8}"
-            f"{_f(m['wire_bytes_per_step'], '.2f', 1e-6):>9}{_f(m.get('wire_ratio'), '.1f'):>7}"
-            f"{_f(m['speedup_vs_uncompressed'], '.2f'):>8}{_f(m.get('ideal_s'), '.2f'):>9}{_f(m.get('x_ideal'), '.2f'):>8}"
-            f"{_f(m['psnr_db'], '.1f'):>8}{_f(m['rel_l2'], '.1e'):>9}{_f(m['codec_share'], '.1f', 100):>7}"
-            f"{m.get('hook_s', 0.0):>8.2f}{m['outside_hooks_s']:>8.2f}")
-    runs = next((m.get("latency_runs_s") for m in r["methods"] if m["name"] == "compute_only"), None)
-    if runs:
-        lines.append(f"compute_only: median of {len(runs)} runs {', '.join(f'{t:.2f}' for t in runs)} s; "
-                     "hook s / other s: rank 0's time inside the comm hooks / outside them (model compute)")
-    if any(m.get("measured_in_rate") not in (None, r["rate"]) for m in r["methods"]):
-        lines.append("* single: no communication, timed once in the first rate's run")
-    compact = [m for m in r["methods"] if m["name"] in COMPACT_METHODS]
-    if compact:
-        lines.append("steady state (steps after the warm-up step): " + ", ".join(
-            f"{m['name']} {_f(m['steady_speedup_vs_uncompressed'], '.2f')}x (x ideal {_f(m['steady_x_ideal'], '.2f')})"
-            for m in compact))
-        lines.append(f"projected to {PROJECT_STEPS} steps (first step + {PROJECT_STEPS - 1} steady steps): " + ", ".join(
-            f"{m['name']} {_f(m[f'projected_{PROJECT_STEPS}_steps_speedup'], '.2f')}x" for m in compact))
-    return "\n".join(lines)
-
-
-def format_ladder(ladder: dict[str, Any]) -> str:
-    lines = [f"== quality ladder at {ladder['rate']} ({ladder['steps']} steps; rel-L2 of the latent after each step "
-             f"vs uncompressed Ulysses)", f"{'codec':<9}{'residual':<9}{'PSNR dB':>8}{'rel-L2':>10}  per step"]
-    for e in ladder["entries"]:
-        steps = " ".join(_f(v, ".1e") for v in e.get("per_step_rel_l2") or [])
-        lines.append(f"{e['codec']:<9}{e['residual']:<9}{_f(e.get('psnr_db'), '.1f'):>8}"
-                     f"{_f(e.get('rel_l2'), '.2e'):>10}  {steps}")
-    return "\n".join(lines)
-
-
-def format_overhead(o: dict[str, Any]) -> str:
-    return (f"== overhead at {o['rate']}: PassthroughHook {o['dispatch_us_per_call']:.1f} us/call over a raw "
-            f"all_to_all_single x {o['hook_calls_per_step']:.0f} calls/step = {o['dispatch_overhead_pct']:.3f}% of the "
-            f"run; end to end (median of {len(o['latency_s']['raw'])}): passthrough {o['passthrough_s']:.2f} s vs raw "
-            f"{o['raw_s']:.2f} s = {o['e2e_overhead_pct']:+.2f}% (noise-limited)")
-
-
-def format_targets(t: dict[str, Any]) -> str:
-    lines = [f"== targets at {t['rate']} (value per image; in brackets per steady step)"]
-    for c in t["checks"]:
-        projected = f" ({PROJECT_STEPS} steps projected: {c['projected_value']:.3f})" if c.get("projected_value") else ""
-        lines.append(f"{'MET ' if c['met'] else 'MISS'} {c['target']:<45} {_f(c['value'], '.3f')} "
-                     f"[{_f(c['steady_value'], '.3f')}]{projected}")
-    return "\n".join(lines)
-
-
-def format_result(result: dict[str, Any]) -> str:
-    m = result["model"]
-    parts = [f"bench e2e: {result['hosts']} emulated hosts, model {m['name']} (hidden {m['hidden']}, "
-             f"{m['double_blocks']}+{m['single_blocks']} blocks, {m['tokens']} tokens), {result['steps']} steps, "
-             f"1 torch thread per rank; {result['pipeline']}"]
-    parts += [format_rate(r) for r in result["rates"]]
-    if result.get("quality_ladder"):
-        parts.append(format_ladder(result["quality_ladder"]))
-    if result.get("overhead"):
-        parts.append(format_overhead(result["overhead"]))
-    if result.get("targets"):
-        parts.append(format_targets(result["targets"]))
-    parts.append(f"wall time {result['wall_s']:.0f} s")
-    return "\n\n".join(parts)
-
-
-def plot_ladder(ladder: dict[str, Any], path: str) -> None:
-    """One panel per codec: rel-L2 of the latent after each step, one line per residual mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    codecs = list(dict.fromkeys(e["codec"] for e in ladder["entries"]))
-    fig, axes = plt.subplots(1, len(codecs), figsize=(4.5 * len(codecs), 3.6), squeeze=False, sharey=True)
-    for ax, codec in zip(axes[0], codecs):
-        for e in (e for e in ladder["entries"] if e["codec"] == codec):
-            errs = e.get("per_step_rel_l2") or []
-            ax.plot(range(len(errs)), [v if v and v > 0 else float("nan") for v in errs], marker="o", label=e["residual"])
-        ax.set_yscale("log")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(codec)
-        ax.set_xlabel("step")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("rel-L2 of latent vs uncompressed")
-    axes[0][0].legend(title="residual")
-    fig.suptitle(f"error per step at {ladder['rate']} (step 0 sends full tensors: error 0)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---- command line -------------------------------------------------------------------------------
