@@ -52,6 +52,19 @@ class CollectiveCall:
             raise ValueError(f"CollectiveCall.op must be one of {', '.join(OPS)}; got {self.op!r}")
         if not isinstance(self.tensor, torch.Tensor):
             raise TypeError(f"CollectiveCall.tensor must be a torch.Tensor; got {type(self.tensor).__name__}")
+        if self.key is not None and not isinstance(self.key, str):
+            raise TypeError(f"CollectiveCall.key must be a str or None; got {type(self.key).__name__}")
+        if self.op == "all_to_all" and self.tensor.dim() == 0:
+            raise ValueError("all_to_all splits dim 0 over the ranks, and a 0-dim tensor has none: pass a tensor "
+                             "whose dim 0 is divisible by the group size")
+        if self.op == "all_gather":
+            ndim = self.tensor.dim()
+            if ndim == 0:
+                raise ValueError("all_gather concatenates along a dim, and a 0-dim tensor has none: "
+                                 "pass tensor.reshape(1) (or use all_reduce)")
+            if isinstance(self.dim, bool) or not isinstance(self.dim, int) or not -ndim <= self.dim < ndim:
+                raise ValueError(f"CollectiveCall.dim must be an int in [{-ndim}, {ndim}) for a {ndim}-dim tensor; "
+                                 f"got {self.dim!r}")
 
 
 class CommHook:

@@ -286,6 +286,10 @@ class Session:
         self.keys: dict[str, KeyState] = {}
         self.auto_key_counts: dict[str, int] = {}
         self.checked_groups: set[tuple[int, ...]] = set()
+        # (group ranks, key) -> (op, shape, dtype) every rank of the group agreed on; kept across
+        # requests, so the check costs one small collective per call site, not one per request
+        self.agreed_tensors: dict[tuple[tuple[int, ...], str], tuple[str, tuple[int, ...], torch.dtype]] = {}
+        self.verified_headers: set[tuple[tuple[int, ...], str]] = set()
 
     @classmethod
     def from_config(cls, config: Any = None) -> "Session":
@@ -342,6 +346,8 @@ class Session:
     def reset(self) -> None:
         """Drop all channels and counters."""
         self.keys.clear()
+        self.agreed_tensors.clear()
+        self.verified_headers.clear()
         self.auto_key_counts.clear()
         self.stats.clear()
         self.request = self.step = 0

@@ -94,16 +94,35 @@ def reference(op: str, xs: list[torch.Tensor], rank: int, size: int) -> torch.Te
 
 
 def pieces(op: str, x: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """The tensors the codec compresses for ``x`` (whole, dim-0 chunks, or row chunks)."""
+    """The tensors the codec compresses for ``x`` (whole, dim-0 chunks, or the all_reduce chunks)."""
+    from compact_hooks.collectives import reduce_chunks
+
     if op == "all_gather":
         return [x]
     if op == "all_to_all":
         return list(x.chunk(size, dim=0))
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
-    pad = (-rows.shape[0]) % size
-    if pad:
-        rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
-    return list(rows.chunk(size, dim=0))
+    return reduce_chunks(x, size)
+
+
+def goes_plain(op: str, x: torch.Tensor, size: int, session: Any) -> bool:
+    """Whether ``op`` of ``x`` takes the plain collective: a lossless codec, or compressed payloads
+    that would not be smaller than what the plain collective sends."""
+    if session.is_lossless(x.dtype):
+        return True
+    compressor = session.compressor
+    if op == "all_reduce" and compressor.summable:
+        wire = torch.empty((), dtype=getattr(compressor, "wire_dtype", x.dtype)).element_size()
+        return wire >= x.element_size()
+    piece = pieces(op, x, size)[0]
+    steady = session.payload_nbytes(tuple(piece.shape), x.dtype, False)
+    if op == "all_reduce":
+        return 2 * (size - 1) * steady >= plain_bytes(op, x.numel() * x.element_size(), size)
+    return steady >= piece.numel() * piece.element_size()
+
+
+def plain_bytes(op: str, nbytes: int, size: int) -> int:
+    return {"all_gather": (size - 1) * nbytes, "all_to_all": (size - 1) * nbytes // size,
+            "all_reduce": 2 * (size - 1) * nbytes // size}[op]
 
 
 def one_shot_error(compressor: Any, ts: list[torch.Tensor]) -> float:
@@ -119,19 +138,24 @@ def one_shot_error(compressor: Any, ts: list[torch.Tensor]) -> float:
     return worst
 
 
-def declared_bytes(op: str, x: torch.Tensor, size: int, session: Any, full: bool) -> int:
-    """What this rank should send for ``op`` by the declared sizes (ring / pairwise convention)."""
+def declared_bytes(op: str, x: torch.Tensor, size: int, session: Any, full: bool, first: bool) -> tuple[int, int]:
+    """``(payload bytes, protocol bytes)`` this rank should send for ``op`` by the declared sizes
+    (ring / pairwise convention); ``first``: the key's first exchange, which also shares a header
+    verdict per compressed stage (protocol bytes: not in the stats' wire bytes)."""
+    from compact_hooks.collectives.protocol import VERDICT_NBYTES
+
     nbytes = x.numel() * x.element_size()
     compressor = session.compressor
-    if session.is_lossless(x.dtype):  # plain collective
-        return {"all_gather": (size - 1) * nbytes, "all_to_all": (size - 1) * nbytes // size,
-                "all_reduce": 2 * (size - 1) * nbytes // size}[op]
+    if goes_plain(op, x, size, session):
+        return plain_bytes(op, nbytes, size), 0
     if op == "all_reduce" and compressor.summable:  # a cast summed by all_reduce in its wire dtype
         wire = torch.empty((), dtype=getattr(compressor, "wire_dtype", x.dtype)).element_size()
-        return 2 * (size - 1) * x.numel() * wire // size
+        return 2 * (size - 1) * x.numel() * wire // size, 0
     piece = pieces(op, x, size)[0]
     payload = session.payload_nbytes(tuple(piece.shape), x.dtype, full)
-    return (size - 1) * payload * (2 if op == "all_reduce" else 1)
+    stages = 2 if op == "all_reduce" else 1
+    verdicts = stages * (size - 1) * VERDICT_NBYTES if first else 0
+    return (size - 1) * payload * stages, verdicts
 
 
 def norm(t: torch.Tensor) -> float:
@@ -150,9 +174,14 @@ def run_case(case: dict[str, Any], group: Any, rank: int, size: int) -> dict[str
     agree = getattr(getattr(ch, "collectives", None), "agree_on_settings", None)
     if agree is not None:  # the one-off settings exchange, so the meter sees payloads only
         agree(hook.session, group)
+    agree_tensor = getattr(getattr(ch, "collectives", None), "agree_on_tensor", None)
+    if agree_tensor is not None:  # and the one-off shape check of each call site
+        for op in ops:
+            agree_tensor(hook.session, group, f"t.{op}", op, make_input(case, rank, 0, op, size))
     problems: list[str] = []
     meter = WireMeter(size)
     declared = 0
+    compressed_ops = 0
     worst: dict[str, float] = {}
     meter.install()
     try:
@@ -163,9 +192,12 @@ def run_case(case: dict[str, Any], group: Any, rank: int, size: int) -> dict[str
                 before = meter.bytes
                 y = hook(ch.CollectiveCall(op, x, group, key=f"t.{op}"))
                 sent = meter.bytes - before
-                full = step < warmup
-                expect = declared_bytes(op, x, size, hook.session, full)
+                full = step < max(1, warmup)
+                expect, protocol = declared_bytes(op, x, size, hook.session, full, step == 0)
+                lossless_here = lossless or goes_plain(op, x, size, hook.session)
+                compressed_ops += not lossless_here
                 declared += expect
+                expect += protocol
                 where = f"step {step} {op}"
                 if sent != expect:
                     problems.append(f"{where}: {sent} bytes went through torch.distributed, declared {expect}")
@@ -180,16 +212,17 @@ def run_case(case: dict[str, Any], group: Any, rank: int, size: int) -> dict[str
                     if not torch.equal(own, mine):
                         problems.append(f"{where}: this rank's own slice is not its exact input")
                 err = norm(y.double() - ref.double())
-                summed = op == "all_reduce" and (lossless or compressor.summable)  # plain all_reduce
-                if (full or lossless) and not summed:
+                plain_reduce = op == "all_reduce" and lossless_here  # gloo's own summation order
+                summed = op == "all_reduce" and (plain_reduce or compressor.summable)
+                if (full or lossless_here) and not summed:
                     if not torch.equal(y, ref):
-                        problems.append(f"{where}: {'full send' if full else 'lossless codec'} not exact "
+                        problems.append(f"{where}: {'full send' if full else 'plain path'} not exact "
                                         f"(error {err:.3g})")
                     continue
                 compressed = [p for t in xs for p in pieces(op, t, size)]
                 if op == "all_reduce":  # the reduced chunks are compressed again
                     compressed += pieces(op, ref, size)
-                e1 = 0.0 if lossless else one_shot_error(compressor, compressed)
+                e1 = 0.0 if lossless_here else one_shot_error(compressor, compressed)
                 scale = norm(ref) if op != "all_reduce" else sum(norm(t) for t in xs) + norm(ref)
                 floor = torch.finfo(dtype).eps * (steps + 2) * scale
                 bound = 1.5 * e1 * scale + floor
@@ -208,6 +241,7 @@ def run_case(case: dict[str, Any], group: Any, rank: int, size: int) -> dict[str
         "hostname": socket.gethostname(),
         "problems": problems,
         "lossless": lossless,
+        "compressed_ops": compressed_ops,
         "digests": hook.session.base_digests(),
         "wire_bytes": stats.get("wire_bytes"),
         "declared_bytes": declared,

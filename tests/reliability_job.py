@@ -1,8 +1,9 @@
 """Rank program of the dead-rank reliability tests; start it with torchrun, deepspeed or mpirun.
 
-``python reliability_job.py --victim R --at-step S [--at-op OP] --timeout-s T [--hang] [--mpi]``
+``python reliability_job.py --victim R --at-step S [--at-op OP] --timeout-s T [--hang] [--mpi] [--hook H]``
 
-Every rank runs steps of all four compressed collectives through one :class:`CompactHook`. At
+Every rank runs steps of all four collectives through one hook (``--hook``: a :class:`CompactHook`
+by default, or the plain, cast or stale hook). At
 step ``S``, before collective ``OP`` (default all_to_all), rank ``R`` kills itself with SIGKILL
 (``--hang``: it sleeps forever instead, a hung rank). A survivor that gets a compact-hooks error prints
 ``@@FAILED rank=<r> after=<seconds since its step began> t=<time> <ExceptionName>: <message>`` on stderr
@@ -46,12 +47,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--hang", action="store_true")
     parser.add_argument("--mpi", action="store_true")
+    parser.add_argument("--hook", choices=("compact", "passthrough", "cast", "stale"), default="compact",
+                        help="which hook's path to test (all honour timeout_s)")
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher appends it
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     init(args.mpi)
     rank, world = dist.get_rank(), dist.get_world_size()
-    hook = ch.CompactHook({"compressor": "int2", "timeout_s": args.timeout_s})
+    hook = ch.build_hook({"hook": args.hook, "compressor": "int2", "timeout_s": args.timeout_s})
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(4 * world, 64, generator=g)
     print(f"@@READY rank={rank} world={world}", flush=True)

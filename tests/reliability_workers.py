@@ -219,6 +219,7 @@ def faults_worker(rank: int, world: int) -> dict[str, Any]:
 # Item 5: protocol mismatch
 # ---------------------------------------------------------------------------------------------
 ODD_RANK = 2  # the rank configured differently
+V = wire.WIRE_VERSION  # this release's wire version; the odd rank pretends to run another
 
 
 def mismatch_cases() -> list[tuple[str, str, dict[str, Any], dict[str, Any], tuple[str, str]]]:
@@ -237,7 +238,7 @@ def mismatch_cases() -> list[tuple[str, str, dict[str, Any], dict[str, Any], tup
         ("error_every", "ring_exchange", base, {**base, "stats": {"error_every": 1}}, ('"error_every": 0', '"error_every": 1')),
         ("collectives", "all_gather", base, {**base, "collectives": ["all_to_all"]},
          ('"all_gather"', '"collectives": ["all_to_all"]')),
-        ("wire", "all_reduce", base, base, ('"wire": 1', '"wire": 2')),
+        ("wire", "all_reduce", base, base, (f'"wire": {V}', f'"wire": {V + 1}')),
     ]
 
 
@@ -250,6 +251,9 @@ def _attempt(fn: Callable[[], Any]) -> dict[str, Any]:
         return {"error": type(exc).__name__, "message": str(exc), "seconds": time.perf_counter() - start}
 
 
+W_HEADER_OPS = ("all_gather", "all_to_all", "ring_exchange", "all_reduce")
+
+
 def protocol_worker(rank: int, world: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     x = inputs(rank, 0, (2 * world, 64), seed=6)
@@ -257,21 +261,22 @@ def protocol_worker(rank: int, world: int) -> dict[str, Any]:
     for name, op, block, odd, _ in mismatch_cases():
         patched = name == "wire" and rank == ODD_RANK
         if patched:  # a rank running another release of the wire format
-            wire.WIRE_VERSION, protocol.WIRE_VERSION = 2, 2
+            wire.WIRE_VERSION, protocol.WIRE_VERSION = V + 1, V + 1
         try:
             hook = ch.CompactHook(odd if rank == ODD_RANK else block)
             out[name] = _attempt(lambda: call(hook, op, x))
         finally:
             if patched:
-                wire.WIRE_VERSION, protocol.WIRE_VERSION = 1, 1
+                wire.WIRE_VERSION, protocol.WIRE_VERSION = V, V
     # only the header differs (the handshake agrees): verify_headers on the first exchange
     if rank == ODD_RANK:
-        wire.WIRE_VERSION = 3
+        wire.WIRE_VERSION = V + 2
     try:
-        hook = ch.CompactHook({"compressor": "int2", "timeout_s": 20})
-        out["header_only"] = _attempt(lambda: call(hook, "all_gather", x))
+        for op in W_HEADER_OPS:  # every rank must fail, also where only some ranks receive a bad header
+            hook = ch.CompactHook({"compressor": "int2", "timeout_s": 20})
+            out["header_only" if op == "all_gather" else f"header_only_{op}"] = _attempt(lambda: call(hook, op, x))
     finally:
-        wire.WIRE_VERSION = 1
+        wire.WIRE_VERSION = V
     # the errors left the group consistent: matching settings work afterwards
     hook, plain = ch.CompactHook({"compressor": "int2", "timeout_s": 20}), ch.PassthroughHook()
     out["after"] = {op: bool(torch.equal(call(hook, op, x), call(plain, op, x))) for op in ("all_gather", "all_to_all")}

@@ -125,6 +125,15 @@ def test_torchrun_rank_hangs(op):
     assert job.wall < 60 + TIMEOUT_S, f"the job took {job.wall:.0f} s"
 
 
+@pytest.mark.parametrize("hook, op", [("passthrough", "all_to_all"), ("passthrough", "ring_exchange"),
+                                      ("cast", "all_reduce"), ("stale", "all_gather")])
+def test_plain_paths_time_out_too(hook, op):
+    """The plain, cast and stale hooks wait at most timeout_s for a hung peer as well."""
+    job = torchrun(3, "--hang", "--at-op", op, "--hook", hook)
+    check_survivors(job, [0, 2], hang=True)
+    assert job.wall < 60 + TIMEOUT_S, f"the job took {job.wall:.0f} s"
+
+
 @pytest.mark.skipif(not (BIN / "deepspeed").exists(), reason="deepspeed is not installed")
 def test_deepspeed_launcher_rank_killed():
     job = launch([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *job_args()],

@@ -29,11 +29,22 @@ from .plain import (
     plain_bytes,
     ring_exchange,
 )
-from .protocol import SETTINGS_NBYTES, agree_on_settings, device_of, maybe_verify, verify_headers
+from .protocol import (
+    SETTINGS_NBYTES,
+    agree_on_settings,
+    agree_on_tensor,
+    device_of,
+    group_ranks,
+    header_problem,
+    maybe_verify,
+    raise_if_any,
+    verify_headers,
+)
 from .transport import Group, all_gather_bytes, all_to_all_bytes, exchange_ring, transport_timeout, wait
 
 __all__ = [
-    "Group", "SETTINGS_NBYTES", "agree_on_settings", "all_gather", "all_gather_bytes", "all_reduce", "all_reduce_",
+    "Group", "SETTINGS_NBYTES", "agree_on_settings", "agree_on_tensor", "group_ranks", "header_problem",
+    "raise_if_any", "all_gather", "all_gather_bytes", "all_reduce", "all_reduce_",
     "all_to_all", "all_to_all_bytes", "check_rows", "compressed_all_gather", "compressed_all_reduce",
     "compressed_all_to_all", "compressed_ring_exchange", "device_of", "exchange_ring", "global_rank", "group_rank",
     "group_size", "maybe_verify", "plain_bytes", "reduce_chunks", "ring_exchange", "transport_timeout",

@@ -55,8 +55,8 @@ def _plain_instead(session: Session, key: str, op: str, x: torch.Tensor, group: 
 
 def _check_first(session: Session, key: str, payloads: torch.Tensor, full: bool, group: Group,
                  dtype: torch.dtype, numel: int) -> None:
-    """Verify the headers of a key's first exchange (one host read per key, not per step)."""
-    if full and session.keys[key].exchanges == 1:
+    """Verify the headers of a key's first full send in this group (once per key, not per step)."""
+    if full:
         verify_headers(payloads, session, key, group, dtype, numel)
 
 
@@ -108,7 +108,7 @@ def _exchange_chunks(chunks: list[torch.Tensor], group: Group, session: Session,
         own = payloads[(rank + 1) % size].new_zeros(nbytes)
         recv = all_to_all_bytes(torch.stack([own if p is None else p for p in payloads]), group, session.timeout_s, what)
         sent = (size - 1) * nbytes
-        if full and session.keys[key].exchanges == 1:
+        if full:
             others = torch.cat([recv[:rank], recv[rank + 1:]])
             verify_headers(others, session, key, group, dtype, chunks[0].numel())
     out = [chunks[j] if j == rank else

@@ -17,7 +17,17 @@ from .transport import Group, all_gather_into, exchange_ring, run_and_wait
 
 
 def group_size(group: Group) -> int:
-    return dist.get_world_size(group) if dist.is_initialized() else 1
+    """Ranks in ``group`` (1 without torch.distributed); a group this rank is not in is an error."""
+    if not dist.is_initialized():
+        if group is not None:
+            raise RuntimeError("a process group was passed but torch.distributed is not initialised: "
+                               "call torch.distributed.init_process_group first")
+        return 1
+    size = dist.get_world_size(group)
+    if size < 1:
+        raise ValueError("this rank is not a member of the process group passed to the collective: pass a group "
+                         "this rank belongs to (every rank of a new_group call gets a handle; only members may use it)")
+    return size
 
 
 def group_rank(group: Group) -> int:

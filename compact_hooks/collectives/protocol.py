@@ -19,27 +19,94 @@ from .transport import Group, all_gather_bytes, all_gather_into
 SETTINGS_NBYTES = 1024
 
 
+def group_ranks(group: Group) -> tuple[int, ...]:
+    """The global ranks of ``group`` (the key of per-group state)."""
+    return tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(group_size(group)))
+
+
+def header_problem(payloads: torch.Tensor, session: Session, key: str, dtype: Optional[torch.dtype] = None,
+                   numel: Optional[int] = None) -> str:
+    """What is wrong with received payloads (``[n, nbytes]``) of a full send, or ``""``: magic,
+    version, codec fingerprint, and (when given) dtype and element count (a peer's float16
+    tensor must not decode as bfloat16)."""
+    headers = payloads.reshape(payloads.shape[0], -1)[:, :HEADER_NBYTES].cpu()  # one host copy for all rows
+    codec = session.warmup_compressor or session.compressor  # first exchanges are full sends
+    for row in headers:
+        try:
+            header = parse_header(row)
+        except ProtocolError as exc:
+            return f"a peer sent a payload of {key!r} that is not compact-hooks wire data ({exc})"
+        if header.version != WIRE_VERSION or header.fingerprint != codec.fingerprint:
+            return (f"ranks disagree on the wire format of {key!r}: a rank uses wire v{WIRE_VERSION} with "
+                    f"{codec.spec()} (fingerprint {codec.fingerprint:#010x}); a peer sent "
+                    f"wire v{header.version} with fingerprint {header.fingerprint:#010x}. Give every rank the same "
+                    "\"compact_hooks\" config and compact-hooks version.")
+        if (dtype is not None and header.dtype != dtype) or (numel is not None and header.numel != numel % 2**32):
+            return (f"ranks disagree on the tensor of {key!r}: a rank has {dtype} with {numel} elements, a peer sent "
+                    f"{header.dtype} with {header.numel} elements. Every rank must pass the same dtype and shape to "
+                    "this collective.")
+    return ""
+
+
 def verify_headers(payloads: torch.Tensor, session: Session, key: str, group: Group,
                    dtype: Optional[torch.dtype] = None, numel: Optional[int] = None) -> None:
-    """Check magic, version, compressor fingerprint and (when given) the dtype and element count of
-    received payloads (``[n, nbytes]``): a peer's float16 tensor must not decode as bfloat16."""
-    headers = payloads.reshape(payloads.shape[0], -1)[:, :HEADER_NBYTES].cpu()  # one host copy for all rows
-    for row in headers:
-        header = parse_header(row)
-        codec = session.warmup_compressor or session.compressor  # first exchanges are full sends
-        if header.version != WIRE_VERSION or header.fingerprint != codec.fingerprint:
+    """Check the received payloads of a key's first full send (see :func:`header_problem`), once
+    per key and group. The verdict is shared: when any rank finds a problem, every rank of the
+    group raises the same :class:`ProtocolError` (none is left waiting in the next collective)."""
+    ranks = group_ranks(group)
+    if (ranks, key) in session.verified_headers:
+        return
+    raise_if_any(header_problem(payloads, session, key, dtype, numel), group, session.timeout_s,
+                 f"the header check of {key!r}")
+    session.verified_headers.add((ranks, key))
+
+
+VERDICT_NBYTES = 1024
+
+
+def raise_if_any(problem: str, group: Group, timeout_s: Optional[float], what: str) -> None:
+    """Share each rank's ``problem`` text (empty: none) with the group; if any rank has one, every
+    rank raises :class:`ProtocolError` with the first such rank's text."""
+    data = problem.encode()[:VERDICT_NBYTES]
+    buf = torch.zeros(VERDICT_NBYTES, dtype=torch.uint8)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    gathered = all_gather_bytes(buf.to(device_of(group)), group, timeout_s, what).cpu()
+    ranks = group_ranks(group)
+    for j, row in enumerate(gathered):
+        text = bytes(row.tolist()).rstrip(b"\0").decode(errors="replace")
+        if text:
+            raise ProtocolError(f"rank {ranks[j]} found: {text}")
+
+
+TENSOR_NBYTES = 256
+
+
+def agree_on_tensor(session: Session, group: Group, key: str, op: str, tensor: torch.Tensor) -> None:
+    """Before a key's first collective in a group (and after its shape or dtype changes): every
+    rank shares the op, shape and dtype it passes, and every rank raises :class:`ProtocolError`
+    naming both sides when they differ (gloo would otherwise abort the process or hang)."""
+    ranks = group_ranks(group)
+    mine = (op, tuple(tensor.shape), tensor.dtype)
+    if session.agreed_tensors.get((ranks, key)) == mine:
+        return
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    text = f"{op} of a {dtype} tensor of shape {list(tensor.shape)}".encode()
+    if len(text) > TENSOR_NBYTES:  # a tensor of many dims: compare a digest
+        text = (text[:TENSOR_NBYTES - 48] + b"..." + hashlib.sha1(text).hexdigest().encode())[:TENSOR_NBYTES]
+    buf = torch.zeros(TENSOR_NBYTES, dtype=torch.uint8)
+    buf[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    gathered = all_gather_bytes(buf.to(device_of(group)), group, session.timeout_s, f"the tensor check of {key!r}").cpu()
+    texts = [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in gathered]
+    me = group_rank(group)
+    for j, other in enumerate(texts):
+        if other != texts[me]:
             raise ProtocolError(
-                f"ranks disagree on the wire format of {key!r}: this rank uses wire v{WIRE_VERSION} with "
-                f"{codec.spec()} (fingerprint {codec.fingerprint:#010x}); a peer sent "
-                f"wire v{header.version} with fingerprint {header.fingerprint:#010x}. Give every rank the same "
-                "\"compact_hooks\" config and compact-hooks version."
+                f"ranks of the group {list(ranks)} call {key!r} differently: rank {ranks[me]} calls "
+                f"{texts[me]} but rank {ranks[j]} calls {other}. Every rank must call the same collective with the "
+                "same shape and dtype at this call site."
             )
-        if (dtype is not None and header.dtype != dtype) or (numel is not None and header.numel != numel % 2**32):
-            raise ProtocolError(
-                f"ranks disagree on the tensor of {key!r}: this rank has {dtype} with {numel} elements, a peer sent "
-                f"{header.dtype} with {header.numel} elements. Every rank must pass the same dtype and shape to "
-                "this collective."
-            )
+    session.agreed_tensors[(ranks, key)] = mine
 
 
 def agree_on_settings(session: Session, group: Group, extra: Optional[dict[str, Any]] = None) -> None:
@@ -49,7 +116,7 @@ def agree_on_settings(session: Session, group: Group, extra: Optional[dict[str, 
     size = group_size(group)
     if size == 1:
         return
-    ranks = tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(size))
+    ranks = group_ranks(group)
     if ranks in session.checked_groups:
         return
     mine = json.dumps({"wire": WIRE_VERSION, **session.settings(), **(extra or {})}, sort_keys=True).encode()

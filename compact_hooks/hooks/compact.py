@@ -40,6 +40,7 @@ class CompactHook(CommHook):
         # before the plain path too: ranks that disagree on which ops they compress would pair a
         # compressed collective with a plain one
         C.agree_on_settings(self.session, call.group, self._handshake)
+        C.agree_on_tensor(self.session, call.group, key, call.op, x)  # once per call site and shape
         session = self.session_for(key, call.op, C.group_size(call.group))
         if (session is None or call.op not in self.collectives or not x.is_floating_point() or x.numel() == 0
                 or x.dtype not in FLOAT_DTYPES or session.is_lossless(x.dtype)):

@@ -52,6 +52,8 @@ class StaleHook(CommHook):
         size = C.group_size(call.group)
         if size == 1:
             return x
+        if call.op == "all_to_all":
+            C.check_rows(x, size)
         if call.key is None:
             n = self.auto_counts.get(call.op, 0)
             self.auto_counts[call.op] = n + 1
@@ -83,23 +85,27 @@ class StaleHook(CommHook):
 
     def _start(self, call: CollectiveCall, x: torch.Tensor, size: int) -> _StaleEntry:
         x = x.clone(memory_format=torch.contiguous_format)  # the send outlives the call: never the caller's buffer
+        with C.transport_timeout(call.group, self.timeout_s):  # a hung peer must not block the exit either
+            buf, work = self._enqueue(call, x, size)
+        return _StaleEntry(work, buf, x)
+
+    @staticmethod
+    def _enqueue(call: CollectiveCall, x: torch.Tensor, size: int) -> tuple[torch.Tensor, Any]:
         if call.op == "all_gather":
             buf = torch.empty((size, *x.shape), dtype=x.dtype, device=x.device)
             fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            work = fn(buf.view(-1), x.view(-1), group=call.group, async_op=True)
-        elif call.op == "all_to_all":
+            return buf, fn(buf.view(-1), x.view(-1), group=call.group, async_op=True)
+        if call.op == "all_to_all":
             buf = torch.empty_like(x)
-            work = dist.all_to_all_single(buf, x, group=call.group, async_op=True)
-        elif call.op == "all_reduce":
+            return buf, dist.all_to_all_single(buf, x, group=call.group, async_op=True)
+        if call.op == "all_reduce":
             buf = x.clone()
-            work = dist.all_reduce(buf, group=call.group, async_op=True)
-        else:
-            rank = C.group_rank(call.group)
-            buf = torch.empty_like(x)
-            ops = [dist.P2POp(dist.isend, x, C.global_rank(call.group, (rank + 1) % size), call.group),
-                   dist.P2POp(dist.irecv, buf, C.global_rank(call.group, (rank - 1) % size), call.group)]
-            work = _AllWorks(dist.batch_isend_irecv(ops))
-        return _StaleEntry(work, buf, x)
+            return buf, dist.all_reduce(buf, group=call.group, async_op=True)
+        rank = C.group_rank(call.group)
+        buf = torch.empty_like(x)
+        ops = [dist.P2POp(dist.isend, x, C.global_rank(call.group, (rank + 1) % size), call.group),
+               dist.P2POp(dist.irecv, buf, C.global_rank(call.group, (rank - 1) % size), call.group)]
+        return buf, _AllWorks(dist.batch_isend_irecv(ops))
 
     def _exact(self, call: CollectiveCall, entry: _StaleEntry) -> torch.Tensor:
         """The exact result of a completed exchange (copies: the buffer is kept for the next step)."""
