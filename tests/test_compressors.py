@@ -81,7 +81,10 @@ def test_payload_and_decode_contract(spec: Any, x: torch.Tensor) -> None:
     codec = build_compressor(spec)
     payload, y = roundtrip(codec, x)
     assert payload.dtype == torch.uint8 and payload.dim() == 1
-    assert payload.numel() == codec.payload_nbytes(x.shape, x.dtype)
+    if codec.variable_size:  # the declared size is an upper bound
+        assert payload.numel() <= codec.payload_nbytes(x.shape, x.dtype)
+    else:
+        assert payload.numel() == codec.payload_nbytes(x.shape, x.dtype)
     assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
     assert torch.isfinite(y).all()
     if codec.is_lossless(x.dtype):

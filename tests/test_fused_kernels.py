@@ -276,7 +276,7 @@ from compact_hooks.kernels import _group_kernels, _sign_kernels, common
 
 POINTERS = {"hdr_ptr": "*i32", "code_ptr": "*u8", "flag_ptr": "*i32", "flag_byte_ptr": "*u8", "abs_ptr": "*fp32",
             "limit": "fp32"}
-KINDS = dict(X_KIND=2, B_KIND=1, MODE=3, HAS_VEL=True, WRITE_RECON=True)
+KINDS = dict(X_KIND=2, B_KIND=1, MODE=3, HAS_VEL=True, WRITE_RECON=True, S_KIND=2)
 CASES = {
     "group_tile": (_group_kernels.group_tile_kernel,
                    dict(KINDS, DECODE=False, PACK=True, BITS=2, BLOCK_G=16, GPB=32, PER_BYTE=4)),

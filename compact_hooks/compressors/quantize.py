@@ -5,11 +5,13 @@ Shared conventions:
 
 * A tensor is viewed as a matrix ``[T, C]``: ``C`` is the last (channel) dim, ``T`` the product of
   the leading dims (a 0-d tensor is ``[1, 1]``). An empty tensor has an empty body.
-* Scales are float16, computed in float32 and clamped into float16's finite range, so inputs beyond
-  it saturate instead of overflowing (a bfloat16 ``1e30`` decodes to a large finite value). For a
-  float16 output the clamp is tightened so that no decoded value can exceed 65504. Scales below
-  float16's smallest subnormal (about 6e-8) flush to zero and their group decodes to zeros.
-* The encoder quantizes with the float16-rounded scale the decoder will read, so the two agree.
+* Scales (the group scales; the sign codecs' channel scales) are computed in float32 and travel
+  as bfloat16 when the encoded tensor is float32 or bfloat16 (residuals always are float32): its
+  range is float32's, so any finite input, 1e30 or 3e38 included, is scaled, not saturated, and
+  tiny groups do not flush to zero. For a float16 tensor they travel as float16 (more precision,
+  and float16's range is all that tensor has), with the clamp tightened so that no decoded value
+  can exceed 65504. Either way a scale takes 2 bytes.
+* The encoder quantizes with the rounded scale the decoder will read, so the two agree.
 * Fields whose elements are wider than a byte come first, so they sit aligned after the header.
 """
 
@@ -58,6 +60,14 @@ def fp16_floor(value: float) -> float:
     return struct.unpack("<e", struct.pack("<H", bits))[0]
 
 
+BF16_MAX = float(torch.finfo(torch.bfloat16).max)
+
+
+def scale_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The wire dtype of the scales of an encoded tensor of ``dtype`` (see the module docstring)."""
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
+
+
 def to_fp16_scale(scale: torch.Tensor, limit: float = FP16_MAX) -> torch.Tensor:
     """Non-negative float32 scales as float16, clamped to ``[0, limit]`` (NaN becomes 0)."""
     return torch.nan_to_num(scale, nan=0.0).clamp_(0.0, limit).to(torch.float16)
@@ -88,11 +98,11 @@ class Grid:
     def hi(self) -> int:
         return 2**self.bits - 1
 
-    def scale_limit(self, dtype: torch.dtype) -> float:
-        """Largest float16 |scale| allowed, so that ``off * |scale|`` stays finite in ``dtype``."""
+    def scale_limit(self, dtype: torch.dtype, wire: torch.dtype = torch.float16) -> float:
+        """Largest |scale| allowed in the ``wire`` dtype, so that ``off * |scale|`` stays finite in ``dtype``."""
         if dtype == torch.float16:
             return fp16_floor(FP16_MAX / self.off)
-        return FP16_MAX
+        return BF16_MAX if wire == torch.bfloat16 else FP16_MAX
 
 
 def signed_extreme(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -113,11 +123,12 @@ def compute_view(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return x, False
 
 
-def grid_scales(extreme: torch.Tensor, grid: Grid, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale_fp16, inverse_fp32)`` from per-group signed extremes (any float dtype)."""
-    limit = grid.scale_limit(dtype)
+def grid_scales(extreme: torch.Tensor, grid: Grid, dtype: torch.dtype,
+                wire: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale in the wire dtype, inverse_fp32)`` from per-group signed extremes (any float dtype)."""
+    limit = grid.scale_limit(dtype, wire)
     s = torch.nan_to_num(extreme.float().div_(-grid.off), nan=0.0).clamp_(-limit, limit)
-    s16 = s.to(torch.float16)
+    s16 = s.to(wire)
     s32 = s16.float()
     inv = torch.where(s32 != 0, s32.reciprocal(), torch.zeros_like(s32))
     return s16, inv
@@ -173,7 +184,7 @@ class _GroupQuantizer(Compressor):
     when ``C`` is not a multiple of ``g`` the last group of every row is partial (groups never
     span two rows). Wire layout after the header::
 
-        scales   float16 [T * ceil(C / g)]          row-major (token, group)
+        scales   bf16 / fp16 [T * ceil(C / g)]      row-major (token, group); fp16 for float16 tensors
         codes    packed ``bits`` per value [T * C]  element order, first value in the low bits
     """
 
@@ -207,11 +218,11 @@ class _GroupQuantizer(Compressor):
         x2, own = compute_view(x.contiguous().view(tokens, channels))
         if channels % g == 0:
             xv = x2.view(tokens * groups, g)
-            s16, inv = grid_scales(signed_extreme(xv), self.grid, x.dtype)
+            s16, inv = grid_scales(signed_extreme(xv), self.grid, x.dtype, scale_dtype(x.dtype))
             codes = grid_codes(xv, inv.unsqueeze(1), self.grid, inplace=own)
         else:
             padded = F.pad(x2, (0, groups * g - channels)).view(tokens, groups, g)
-            s16, inv = grid_scales(signed_extreme(padded), self.grid, x.dtype)
+            s16, inv = grid_scales(signed_extreme(padded), self.grid, x.dtype, scale_dtype(x.dtype))
             codes = grid_codes(x2, inv.repeat_interleave(g, dim=1)[:, :channels], self.grid, inplace=own)
         return [s16.reshape(-1), pack_bits(codes, self.grid.bits)]
 
@@ -222,7 +233,7 @@ class _GroupQuantizer(Compressor):
         body = aligned(body, 2)
         tokens, channels, g, groups = self._layout(shape)
         ns = tokens * groups
-        s32 = from_bytes(body, torch.float16, ns).float()
+        s32 = from_bytes(body, scale_dtype(dtype), ns).float()
         levels = grid_levels(body[2 * ns:], self.grid, n, self.device_cache)
         if channels % g == 0:
             values = levels.view(ns, g).mul_(s32.unsqueeze(1))
@@ -236,7 +247,7 @@ class Int8Compressor(_GroupQuantizer):
     """8-bit group quantization: levels -128..127 (code = level + 128) times the group's signed
     scale ``-e / 128`` (``e``: the group's entry of largest magnitude; see :class:`Grid`).
 
-    Wire: ``scales fp16 [T * ceil(C/g)] | codes uint8 [T * C]``.
+    Wire: ``scales bf16 (fp16 for a float16 tensor) [T * ceil(C/g)] | codes uint8 [T * C]``.
     """
 
     grid = Grid(8)
@@ -247,7 +258,7 @@ class Int4Compressor(_GroupQuantizer):
     """4-bit group quantization: levels -8..7 (code = level + 8) times the group's signed scale
     ``-e / 8`` (``e``: the group's entry of largest magnitude; see :class:`Grid`).
 
-    Wire: ``scales fp16 [T * ceil(C/g)] | codes 4-bit, 2 per byte [T * C]``.
+    Wire: ``scales bf16 (fp16 for a float16 tensor) [T * ceil(C/g)] | codes 4-bit, 2 per byte [T * C]``.
     """
 
     grid = Grid(4)
@@ -260,7 +271,7 @@ class Int2Compressor(_GroupQuantizer):
     the other sign beyond ``1.5 |s|`` clip to ``|s|``). Chosen over the mid-rise
     {-1.5, -0.5, 0.5, 1.5} grid: as good on Gaussian data, far better on heavy tails (:class:`Grid`).
 
-    Wire: ``scales fp16 [T * ceil(C/g)] | codes 2-bit, 4 per byte [T * C]``.
+    Wire: ``scales bf16 (fp16 for a float16 tensor) [T * ceil(C/g)] | codes 2-bit, 4 per byte [T * C]``.
     """
 
     grid = Grid(2)
@@ -284,18 +295,21 @@ class _SeparableSign(Compressor):
         return 2 * channels + 2 * tokens + packed_nbytes(n, self.bits)
 
     def _scales(self, a: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """float16 ``(channel_scale [C], token_scale [T])`` from |x| as ``[T, C]``."""
+        """``(channel_scale [C] in the scale dtype, token_scale [T] float16)`` from |x| as ``[T, C]``
+        (the token scales are relative to the mean, at most ``T``: float16 holds them)."""
         tokens, channels = a.shape
         channel_mean = a.sum(dim=0, dtype=torch.float32).div_(tokens)
         token_sum = a.sum(dim=1, dtype=torch.float32)
         overall = token_sum.sum() / (tokens * channels)
         token_scale = torch.nan_to_num(token_sum.div_(channels) / overall, nan=0.0, posinf=FP16_MAX)
         tok16 = to_fp16_scale(token_scale)
-        limit = torch.full((), FP16_MAX, device=a.device)
+        limit = torch.full((), FP16_MAX if dtype == torch.float16 else BF16_MAX, device=a.device)
         if dtype == torch.float16:  # keep top_level * channel * token <= 65504 after rounding
             tmax = tok16.amax().float() * max(abs(v) for v in self.levels)
             limit = torch.where(tmax > 0, FP16_MAX * (1 - 2.0**-10) / tmax, limit).clamp_(max=FP16_MAX)
-        ch16 = torch.minimum(torch.nan_to_num(channel_mean, nan=0.0), limit).clamp_(0.0, FP16_MAX).half()
+        wire = scale_dtype(dtype)
+        top = FP16_MAX if wire == torch.float16 else BF16_MAX
+        ch16 = torch.minimum(torch.nan_to_num(channel_mean, nan=0.0, posinf=top), limit).clamp_(0.0, top).to(wire)
         return ch16, tok16
 
     def decode_body(self, body: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -304,7 +318,7 @@ class _SeparableSign(Compressor):
             return torch.empty(shape, dtype=dtype, device=body.device)
         body = aligned(body, 2)
         tokens, channels = matrix_dims(shape)
-        ch = from_bytes(body, torch.float16, channels).float()
+        ch = from_bytes(body, scale_dtype(dtype), channels).float()
         tok = from_bytes(body[2 * channels:], torch.float16, tokens).float()
         packed = body[2 * (channels + tokens):]
         table = cached_level_table(self.device_cache, self.bits, self.levels, packed.device)
@@ -319,7 +333,7 @@ class _SeparableSign(Compressor):
 class Int1Compressor(_SeparableSign):
     """CompactFusion 1-bit: ``x ~ sign(x) * channel_scale[c] * token_scale[t]``.
 
-    Wire: ``channel_scale fp16 [C] | token_scale fp16 [T] | sign bits [T * C]`` (8 per byte, first
+    Wire: ``channel_scale bf16 (fp16 for a float16 tensor) [C] | token_scale fp16 [T] | sign bits [T * C]`` (8 per byte, first
     value in the low bit, 1 = negative).
     """
 
@@ -341,7 +355,7 @@ class Int2CfCompressor(_SeparableSign):
     token_scale[t]`` (the int1 scale). The magnitude bit is ``|x| > 1.25 t``: the midpoint of the
     two levels, i.e. the nearest-level choice, which minimises the error for these levels.
 
-    Wire: ``channel_scale fp16 [C] | token_scale fp16 [T] | codes 2-bit [T * C]`` (4 per byte,
+    Wire: ``channel_scale bf16 (fp16 for a float16 tensor) [C] | token_scale fp16 [T] | codes 2-bit [T * C]`` (4 per byte,
     first value in the low bits; code bit 0 = negative, bit 1 = large).
     """
 

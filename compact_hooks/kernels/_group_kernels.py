@@ -8,7 +8,7 @@ contracted into an FMA; under ``TRITON_INTERPRET=1`` numpy does each operation o
 * all arithmetic in float32, in the torch path's order: ``r = x - pred``; ``s = e * (-1/off)``
   (a multiplication by a power of two rounds like torch's division by ``-off``); ``inv = 1 / s``
   with the IEEE division ``div_rn``; ``t = r * inv`` then ``t + (off + 0.5)``, clamped, truncated;
-  decode ``(code - off) * s`` (exact: a small integer times a float16 value);
+  decode ``(code - off) * s`` (exact: a small integer times a bfloat16 / float16 value);
 * 16-bit values travel as ``int16`` bits: float16 converts with Triton's round-to-nearest-even
   casts, bfloat16 by integer rounding on the float32 bits (the interpreter's own bfloat16 cast
   truncates, so it is never used);
@@ -157,16 +157,16 @@ def _apply(dec, base, pred, offs, valid, out_base_ptr, out_vel_ptr, out_recon_pt
 
 
 @triton.jit
-def _scale_of(r, limit, OFF: tl.constexpr):
+def _scale_of(r, limit, OFF: tl.constexpr, S_KIND: tl.constexpr):
     """float32 ``(s, inverse)`` of each group: the signed extreme over the two trailing axes
-    times ``-1/off``, clamped to ``limit``, rounded through float16."""
+    times ``-1/off``, clamped to ``limit``, rounded to the scales' wire kind ``S_KIND``."""
     hi = tl.max(r, axis=2, keep_dims=True)
     lo = tl.min(r, axis=2, keep_dims=True)
     hi = tl.max(hi, axis=1, keep_dims=True)
     lo = tl.min(lo, axis=1, keep_dims=True)
     e = tl.where(hi >= -lo, hi, lo)
     s = tl.minimum(tl.maximum(e * (-1.0 / OFF), -limit), limit)
-    s32 = s.to(tl.float16).to(tl.float32)
+    s32 = _round_to(s, S_KIND)
     inv = _inverse(s32)
     return s32, inv
 
@@ -206,7 +206,7 @@ def group_tile_kernel(
     n_groups, groups, C, g, limit,
     X_KIND: tl.constexpr, B_KIND: tl.constexpr, MODE: tl.constexpr, HAS_VEL: tl.constexpr,
     WRITE_RECON: tl.constexpr, DECODE: tl.constexpr, PACK: tl.constexpr,
-    BITS: tl.constexpr, BLOCK_G: tl.constexpr, GPB: tl.constexpr, PER_BYTE: tl.constexpr,
+    BITS: tl.constexpr, BLOCK_G: tl.constexpr, GPB: tl.constexpr, PER_BYTE: tl.constexpr, S_KIND: tl.constexpr,
 ):
     """One program = ``BLOCK_G`` whole groups, as a ``[BLOCK_G, GPB, PER_BYTE]`` tile (``GPB``
     bytes of codes per group row, padded to a power of two).
@@ -230,7 +230,7 @@ def group_tile_kernel(
     offs = start + k
     byte_mask = live & (kb * PER_BYTE < size)
     if DECODE:
-        s32 = _load_f32(scale_ptr, q, live, 1)
+        s32 = _load_f32(scale_ptr, q, live, S_KIND)
         packed = tl.load(code_ptr + start // PER_BYTE + kb, mask=byte_mask, other=0).to(tl.int32)
         code = (packed >> (kk * BITS)) & HI
         base, pred = _prediction(base_ptr, vel_ptr, offs, valid, B_KIND, MODE, HAS_VEL)
@@ -238,9 +238,8 @@ def group_tile_kernel(
         _write_header(hdr_ptr, h0, h1, h2, h3)
         r, base, pred = _residual(x_ptr, base_ptr, vel_ptr, prev_ptr, out_prev_ptr, flag_ptr, offs, valid,
                                   X_KIND, B_KIND, MODE, HAS_VEL, PACK)
-        s32, inv = _scale_of(r, limit, OFF)
-        s_bits = s32.to(tl.float16).to(tl.int16, bitcast=True)
-        tl.store(scale_ptr + q, s_bits, mask=live)
+        s32, inv = _scale_of(r, limit, OFF, S_KIND)
+        _store_kind(scale_ptr, q, s32, live, S_KIND)
         if PACK:
             code = tl.where(valid, _codes(r, inv, OFF, HI), 0)
             packed = tl.sum(code << (kk * BITS), axis=2, keep_dims=True)
@@ -259,7 +258,7 @@ def flat_kernel(
     n, n_bytes, groups, C, g,
     X_KIND: tl.constexpr, B_KIND: tl.constexpr, MODE: tl.constexpr, HAS_VEL: tl.constexpr,
     WRITE_RECON: tl.constexpr, DECODE: tl.constexpr,
-    BITS: tl.constexpr, BLOCK: tl.constexpr, PER_BYTE: tl.constexpr,
+    BITS: tl.constexpr, BLOCK: tl.constexpr, PER_BYTE: tl.constexpr, S_KIND: tl.constexpr,
 ):
     """One program = ``BLOCK`` payload bytes as a ``[BLOCK, PER_BYTE]`` tile in element order, for
     any layout (a byte may hold codes of two groups or two rows). Encode: codes from the scales a
@@ -272,7 +271,7 @@ def flat_kernel(
     valid = e < n
     row = e // C
     col = e - row * C
-    s32 = _load_f32(scale_ptr, row * groups + col // g, valid, 1)
+    s32 = _load_f32(scale_ptr, row * groups + col // g, valid, S_KIND)
     if DECODE:
         packed = tl.load(code_ptr + b, mask=b < n_bytes, other=0).to(tl.int32)
         code = (packed >> (kk * BITS)) & HI

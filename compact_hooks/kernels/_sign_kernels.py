@@ -40,7 +40,7 @@ def sign_pack_kernel(
     h0, h1, h2, h3, n, n_bytes, C,
     X_KIND: tl.constexpr, B_KIND: tl.constexpr, MODE: tl.constexpr, HAS_VEL: tl.constexpr,
     WRITE_RECON: tl.constexpr, DECODE: tl.constexpr, CODEBOOK: tl.constexpr,
-    BLOCK: tl.constexpr, PER_BYTE: tl.constexpr,
+    BLOCK: tl.constexpr, PER_BYTE: tl.constexpr, S_KIND: tl.constexpr,
 ):
     """One program = ``BLOCK`` payload bytes as a ``[BLOCK, PER_BYTE]`` tile in element order.
     ``CODEBOOK`` 0 (``int1``): code = sign bit, level +-1. ``CODEBOOK`` 1 (``int2cf``): code =
@@ -52,7 +52,7 @@ def sign_pack_kernel(
     valid = e < n
     row = e // C
     col = e - row * C
-    ch = _load_f32(ch_ptr, col, valid, 1)
+    ch = _load_f32(ch_ptr, col, valid, S_KIND)  # the channel scales' wire kind
     tok = _load_f32(tok_ptr, row, valid, 1)
     if DECODE:
         packed = tl.load(code_ptr + b, mask=b < n_bytes, other=0).to(tl.int32)

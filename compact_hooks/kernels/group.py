@@ -23,9 +23,10 @@ from typing import Optional
 
 import torch
 
-from ..compressors.quantize import Int2Compressor, Int4Compressor, Int8Compressor, matrix_dims
+from ..compressors.quantize import Int2Compressor, Int4Compressor, Int8Compressor, matrix_dims, scale_dtype
 from ..wire import FLAGS_BYTE, HEADER_NBYTES, packed_nbytes
 from .common import (
+    KIND_CODES,
     MAX_NUMEL,
     TILE,
     StepResult,
@@ -135,11 +136,12 @@ def encode_step(codec: Int8Compressor, mode: str, x: torch.Tensor, base: Optiona
         previous_x = previous_x.contiguous()
     args = state_args(mode, x, base, velocity, previous_x, out, payload, flag)
     kinds = kind_args(mode, x.dtype, base, velocity, out)
+    kinds["S_KIND"] = KIND_CODES[scale_dtype(enc_dtype)]
     h = header_words(enc_dtype, codec.fingerprint, x.numel())
     group_tile_kernel[(triton.cdiv(layout.n_scales, layout.block_groups),)](
         hdr_ptr=payload[:HEADER_NBYTES].view(torch.int32), scale_ptr=scales, code_ptr=codes,
         h0=h[0], h1=h[1], h2=h[2], h3=h[3], n_groups=layout.n_scales, groups=layout.groups,
-        C=layout.channels, g=layout.group, limit=grid.scale_limit(enc_dtype), DECODE=False,
+        C=layout.channels, g=layout.group, limit=grid.scale_limit(enc_dtype, scale_dtype(enc_dtype)), DECODE=False,
         PACK=layout.aligned, BITS=grid.bits, BLOCK_G=layout.block_groups, GPB=layout.group_bytes_p2,
         PER_BYTE=layout.per_byte, **args, **kinds, **launch_options(layout.tile_elements))
     if not layout.aligned:
@@ -172,6 +174,7 @@ def decode_step(codec: Int8Compressor, mode: str, payload: torch.Tensor, shape: 
     out = outputs(mode, size, dtype, base, payload.device, receiver=True)
     args = state_args(mode, None, base, velocity, None, out, payload, None, payload[FLAGS_BYTE:])
     kinds = kind_args(mode, dtype, base, velocity, out)
+    kinds["S_KIND"] = KIND_CODES[scale_dtype(dtype if mode == "none" else torch.float32)]
     if layout.aligned:
         group_tile_kernel[(triton.cdiv(layout.n_scales, layout.block_groups),)](
             hdr_ptr=payload, scale_ptr=scales, code_ptr=codes, h0=0, h1=0, h2=0, h3=0,

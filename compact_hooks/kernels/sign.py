@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..compressors.quantize import Int1Compressor, Int2CfCompressor, matrix_dims
+from ..compressors.quantize import Int1Compressor, Int2CfCompressor, matrix_dims, scale_dtype
 from ..wire import FLAGS_BYTE, HEADER_NBYTES, packed_nbytes
 from .common import (
     KIND_CODES,
@@ -79,7 +79,7 @@ def encode_step(codec: Int1Compressor, mode: str, x: torch.Tensor, base: Optiona
     tok_bits.copy_(tok16.view(torch.int16))
     h = header_words(enc_dtype, codec.fingerprint, n)
     _pack(sign_pack_kernel, codec, n, channels, ch_bits, tok_bits, codes, False, args, kinds, h,
-          payload[:HEADER_NBYTES].view(torch.int32))
+          payload[:HEADER_NBYTES].view(torch.int32), enc_dtype)
     payload[FLAGS_BYTE] = flag[0]
     out.payload, out.flag = payload, flag[0] != 0
     return out
@@ -103,12 +103,12 @@ def decode_step(codec: Int1Compressor, mode: str, payload: torch.Tensor, shape: 
     args = state_args(mode, None, base, velocity, None, out, payload, None, payload[FLAGS_BYTE:])
     kinds = kind_args(mode, dtype, base, velocity, out)
     _pack(sign_pack_kernel, codec, size.numel(), channels, ch_bits, tok_bits, codes, True, args, kinds,
-          (0, 0, 0, 0), payload)
+          (0, 0, 0, 0), payload, dtype if mode == "none" else torch.float32)
     return out
 
 
 def _pack(kernel, codec, n: int, channels: int, ch_bits, tok_bits, codes, decode: bool, args: dict,
-          kinds: dict, h: tuple[int, ...], hdr: torch.Tensor) -> None:
+          kinds: dict, h: tuple[int, ...], hdr: torch.Tensor, enc_dtype: torch.dtype) -> None:
     import triton
 
     per_byte = 8 // codec.bits
@@ -117,4 +117,4 @@ def _pack(kernel, codec, n: int, channels: int, ch_bits, tok_bits, codes, decode
     kernel[(triton.cdiv(n_bytes, block),)](
         hdr_ptr=hdr, ch_ptr=ch_bits, tok_ptr=tok_bits, code_ptr=codes, h0=h[0], h1=h[1], h2=h[2], h3=h[3],
         n=n, n_bytes=n_bytes, C=channels, DECODE=decode, CODEBOOK=SIGN_CODECS[type(codec)], BLOCK=block,
-        PER_BYTE=per_byte, **args, **kinds, **launch_options())
+        PER_BYTE=per_byte, S_KIND=KIND_CODES[scale_dtype(enc_dtype)], **args, **kinds, **launch_options())
