@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "run": "compact_hooks.integrations.diffusers.job",
     "launch": "compact_hooks.launcher.launch",
     "report": "compact_hooks.bench.report",
+    "train-tiny": "compact_hooks.integrations.diffusers.train_tiny",
 }
 
 

@@ -52,7 +52,7 @@ def test_bad_arguments_exit_with_a_message():
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["launch", "--help"], ["report", "--help"],
-                                  ["bench", "scaling", "--help"]])
+                                  ["bench", "scaling", "--help"], ["train-tiny", "--help"]])
 def test_subcommands_have_help(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)

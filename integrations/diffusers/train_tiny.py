@@ -93,9 +93,10 @@ def train(out: Path, steps: int = 1600, batch: int = 64, lr: float = 1e-3, seed:
     return {"losses": losses, "seconds": seconds, "final_loss": losses[-1]}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m compact_hooks.integrations.diffusers.train_tiny",
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``compact-hooks train-tiny`` on the command's subparsers."""
+    p = sub.add_parser("train-tiny", help="train the embedded digits FLUX model (deterministic given --seed)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(WEIGHTS_DIR), help="output directory (default: %(default)s)")
     p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--batch", type=int, default=64)
@@ -103,9 +104,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--no-check", action="store_true", help="skip the classifier check of the samples")
-    a = p.parse_args(argv)
+    p.set_defaults(handler=run, parser=p)
+    return p
+
+
+def run(a: argparse.Namespace) -> int:
     if a.steps < 1 or a.batch < 1:
-        p.error("--steps and --batch must be positive")
+        a.parser.error("--steps and --batch must be positive")
     train(Path(a.out), a.steps, a.batch, a.lr, a.seed, a.threads)
     if not a.no_check:
         from .digits_check import sample_accuracy
@@ -114,6 +119,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         acc = sample_accuracy(load_trained_pipeline(a.out), steps=20)[0]
         print(f"classifier accuracy of 20-step samples (4 per class): {acc:.3f} (chance 0.100)")
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m compact_hooks.integrations.diffusers.train_tiny ARGS`` = ``compact-hooks train-tiny ARGS``."""
+    from compact_hooks.cli import run_one
+
+    return run_one("train-tiny", add_parser, argv)
 
 
 if __name__ == "__main__":
