@@ -68,7 +68,11 @@ class CollectiveCall:
 
 
 class CommHook:
-    """Base class of hooks. Subclasses implement :meth:`__call__`; step/request hooks are no-ops here."""
+    """Base class of hooks. Subclasses implement :meth:`__call__`; step/request hooks are no-ops here.
+    ``timeout_s``: how long the hook waits for a peer (``None``: the process group's timeout);
+    integrations use it for their own collectives too."""
+
+    timeout_s: Optional[float] = None
 
     def __call__(self, call: CollectiveCall) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError

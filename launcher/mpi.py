@@ -322,14 +322,29 @@ def apply(info: RankInfo, environ: MutableMapping[str, str] = os.environ) -> Non
 
 
 def mpi_broadcast(value: Any) -> Any:
-    """Rank 0's ``value`` on every rank of ``MPI.COMM_WORLD`` (imports mpi4py, which initialises MPI)."""
+    """Rank 0's ``value`` on every rank of ``MPI.COMM_WORLD``.
+
+    Imports mpi4py, which initialises MPI; when that import is what initialised it, MPI is
+    finalised again right after the broadcast: left initialised, mpi4py finalises it at exit, and
+    Open MPI's ``MPI_Finalize`` waits for every rank, so a rank that raised (a peer died or hangs)
+    could never exit while its peer is stopped."""
     try:
+        import mpi4py
+
+        mpi4py.rc.initialize = mpi4py.rc.finalize = False  # this function initialises and finalises
         from mpi4py import MPI
     except ImportError as exc:
         raise RankDiscoveryError(
             "sharing rank 0's address under mpirun needs mpi4py: pip install 'compact-hooks[mpi]', "
             "or set MASTER_ADDR and MASTER_PORT (mpirun -x MASTER_ADDR=... -x MASTER_PORT=...)") from exc
-    return MPI.COMM_WORLD.bcast(value, root=0)
+    ours = not MPI.Is_initialized()
+    if ours:
+        MPI.Init()
+    try:
+        return MPI.COMM_WORLD.bcast(value, root=0)
+    finally:
+        if ours and not MPI.Is_finalized():
+            MPI.Finalize()
 
 
 def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0, *,

@@ -1,7 +1,7 @@
 """Rank program of the faults-under-load tests: start it with mpirun, one rank per emulated host.
 
 ``python fault_job.py --results DIR --requests N [--steps S] [--timeout-s T] [--seeds K] [--pace P]
-[--bound-plain-waits] [--stop-rank R --stop-at-request Q --stop-where collective|step]``
+[--stop-rank R --stop-at-request Q --stop-where collective|step]``
 
 Every rank builds the same tiny FLUX transformer, makes it Ulysses sequence parallel through
 ``parallelize`` with a ``CompactHook`` (int2, error feedback, ``timeout_s=T``) and serves ``N``
@@ -93,17 +93,6 @@ class StopAt(ch.CommHook):
         return self.inner.stats()
 
 
-def bound_plain_waits(timeout_s: float) -> None:
-    """Make the diffusers integration's input-checksum and output all_gathers wait at most
-    ``timeout_s`` (today they wait for the process group's timeout)."""
-    import functools
-
-    from compact_hooks.integrations.diffusers import parallel, sharding
-
-    for module in (parallel, sharding):
-        module.all_gather = functools.partial(module.all_gather, timeout_s=timeout_s)  # type: ignore[attr-defined]
-
-
 def stop_self(log: Log, request: int, where: str) -> None:
     log.write("stopping", request=request, where=where, t=time.time())
     os.kill(os.getpid(), signal.SIGSTOP)
@@ -136,9 +125,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pace", type=float, default=0.0, help="seconds of idle time after each request")
     parser.add_argument("--size", type=int, default=8, help="latent height and width (tokens = size**2)")
     parser.add_argument("--seeds", type=int, default=10, help="request i uses seed i %% seeds")
-    parser.add_argument("--bound-plain-waits", action="store_true",
-                        help="pass timeout_s to parallelize's own plain all_gathers (a stand-in for the fix of "
-                             "the bug pinned by test_rank_paused_between_steps_longer_than_timeout)")
     parser.add_argument("--stop-rank", type=int, default=1)
     parser.add_argument("--stop-at-request", type=int, default=-1)
     parser.add_argument("--stop-where", choices=("collective", "step"), default="collective")
@@ -150,8 +136,6 @@ def main(argv: list[str]) -> int:
     from compact_hooks.launcher.mpi import init_distributed
 
     init_distributed(backend="gloo", timeout_s=PG_TIMEOUT_S)
-    if args.bound_plain_waits:
-        bound_plain_waits(args.timeout_s)
     faulthandler.register(signal.SIGUSR1)  # where a rank waits: kill -USR1 <pid> (after MPI's handlers)
     rank = dist.get_rank()
     log = Log(args.results, rank)

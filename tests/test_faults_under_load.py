@@ -139,11 +139,9 @@ def test_packet_loss_bursts(hosts: netns.Hosts) -> None:
     ``BLACKOUT_S`` > timeout_s: the job fails with CollectiveTimeoutError within timeout_s. Never
     a wrong output, never a hang.
 
-    The job bounds parallelize's own plain all_gathers by timeout_s (``--bound-plain-waits``): a
-    blackout that catches a rank in one of them would otherwise hang it for the process group's
-    timeout (the bug of test_rank_paused_between_steps_longer_than_timeout; drop the flag once
-    that is fixed)."""
-    job = FaultJob(hosts, "loss", *JOB_ARGS, "--bound-plain-waits")
+    parallelize's own all_gathers (input check, output gather) wait at most the hook's timeout_s
+    too, so a blackout that catches a rank in one of them also fails in time."""
+    job = FaultJob(hosts, "loss", *JOB_ARGS)
     blackout: dict[str, int] = {}
     try:
         job.wait_requests(FAULT_AFTER, START_S)
@@ -207,10 +205,6 @@ def test_rank_paused_shorter_then_longer_than_timeout(hosts: netns.Hosts) -> Non
            detected_after_s=round(detected, 2), job_ended_after_s=round(time.time() - stop, 1))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: parallelize's input check (integrations/diffusers/parallel.py _check_same_inputs) and output "
-    "gather (sharding.py ShardState.gather) call the plain all_gather without the hook's timeout_s, so a "
-    "rank paused between steps leaves its peer waiting for the process group's timeout (600 s)"))
 def test_rank_paused_between_steps_longer_than_timeout(hosts: netns.Hosts) -> None:
     """(c) rank 1 stops (SIGSTOP) between two steps, before its transformer forward: rank 0 waits in
     parallelize's input-checksum all_gather. It must fail within timeout_s like any other wait."""
@@ -228,10 +222,6 @@ def test_rank_paused_between_steps_longer_than_timeout(hosts: netns.Hosts) -> No
     check_timed_out(job, rc, job.events(1, "stopping")[0]["t"], "rank 1 stopped between steps", survivors=(0,))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "bug: under mpirun, compact_hooks.launcher.mpi.init_distributed shares rank 0's address with mpi4py, "
-    "which leaves MPI initialised; at exit mpi4py calls MPI_Finalize, a fence over every rank in Open MPI 5, "
-    "so the rank that raised CollectiveTimeoutError never exits while its peer is paused, and neither does mpirun"))
 def test_rank_paused_job_exits_when_mpi_shared_the_address(hosts: netns.Hosts) -> None:
     """(c) as the long pause above, with the master address shared over MPI (the default of
     ``init_distributed`` under mpirun when MASTER_ADDR is not set): the job must still exit."""

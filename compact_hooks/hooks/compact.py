@@ -58,6 +58,10 @@ class CompactHook(CommHook):
             return C.compressed_all_reduce(x, call.group, session, key)
         return C.compressed_ring_exchange(x, call.group, session, key)
 
+    @property
+    def timeout_s(self) -> Optional[float]:  # type: ignore[override]
+        return self.session.timeout_s
+
     def session_for(self, key: str, op: str, group_size: int, link: Optional[str] = None) -> Optional[Session]:
         """The session whose settings apply to a call site (the first matching rule's, else the
         defaults); ``None`` for a call a rule sends plain."""

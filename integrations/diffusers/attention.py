@@ -92,6 +92,18 @@ class AttentionComm:
     mode: Mode = "ulysses"
     usp: Any = None  # mode "usp": the sub-groups and grid (integrations.diffusers.usp.USPGroups)
 
+    @property
+    def timeout_s(self) -> Optional[float]:
+        """The hook's ``timeout_s``: the integration's own collectives (input checks, the output
+        gather) wait no longer for a peer than the hook's do."""
+        hook = self.hook
+        while hook is not None:  # a wrapping hook (metering, tracing) holds the real one as ``inner``
+            timeout = getattr(hook, "timeout_s", None)
+            if timeout is not None:
+                return timeout
+            hook = getattr(hook, "inner", None)
+        return None
+
 
 def local_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: Optional[torch.Tensor] = None

@@ -130,7 +130,7 @@ class ParallelHandle:
         xd = x.detach().double()
         mine = torch.stack([xd.sum(), xd.abs().sum(), xd.new_tensor(float(x.numel())),
                             xd.new_tensor(t if t is not None else 0.0)])
-        every = all_gather(mine.view(1, -1), comm.group, dim=0).cpu()
+        every = all_gather(mine.view(1, -1), comm.group, dim=0, timeout_s=comm.timeout_s).cpu()
         ref = every[0]
         if not torch.allclose(every, ref.expand_as(every), rtol=1e-6, atol=1e-6):
             raise RuntimeError(

@@ -71,7 +71,7 @@ class ShardState:
             return x
         if x.shape[dim] != seg.local:
             raise RuntimeError(f"expected {seg.local} local {segment} tokens to gather, got {x.shape[dim]}")
-        return all_gather(x.contiguous(), self.comm.group, dim=dim).narrow(dim, 0, seg.length)
+        return all_gather(x.contiguous(), self.comm.group, dim=dim, timeout_s=self.comm.timeout_s).narrow(dim, 0, seg.length)
 
     def layout(self, *names: str) -> SequenceLayout:
         missing = [n for n in names if n not in self.segments]
