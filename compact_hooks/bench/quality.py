@@ -35,6 +35,8 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("delta int2", {"compressor": "int2", "residual": "delta"}),
     ("compact int1", {"compressor": "int1", "residual": "ef"}),
     ("compact int2", {"compressor": "int2", "residual": "ef"}),
+    ("compact int2 warm-up int8", {"compressor": "int2", "residual": "ef", "warmup_compressor": "int8"}),
+    ("compact auto", {"compressor": {"name": "auto", "target_rel_error": 0.06}, "residual": "ef"}),
     ("compact int2cf", {"compressor": "int2cf", "residual": "ef"}),
     ("compact int4", {"compressor": "int4", "residual": "ef"}),
     ("compact lowrank", {"compressor": LOWRANK, "residual": "ef"}),
