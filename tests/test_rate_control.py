@@ -234,3 +234,24 @@ def test_adaptive_skip_sends_a_header_only_and_keeps_the_base():
     assert torch.equal(got, x) and torch.equal(recon, x)
     p2, _ = sender.encode(x + 0.5 * torch.randn(8, 128), False)  # large: the finest level
     assert int(p2[6]) == len(codec.ladder) and p2.numel() == codec.payload_nbytes((8, 128), torch.float32)
+
+
+def link_rule_worker(rank: int, world: int) -> dict:
+    """Local ranks share a host: an ``intra_host`` rule applies, an ``inter_host`` one does not."""
+    plain_here = ch.CompactHook({"compressor": "int2", "rules": [{"match": {"link": "intra_host"}, "plain": True}]})
+    compress = ch.CompactHook({"compressor": "int2", "rules": [{"match": {"link": "inter_host"}, "plain": True}]})
+    x = drifting(rank, 0, (2 * world, 256))
+    out = {}
+    for name, hook in (("intra_plain", plain_here), ("inter_plain", compress)):
+        for step in range(2):
+            hook(ch.CollectiveCall("all_gather", x + 0.01 * step, None, key="blocks.1.attn:k"))
+            hook.next_step()
+        st = hook.stats()
+        out[name] = (st["raw_bytes"], st["wire_bytes"])
+    return out
+
+
+def test_link_rules_match_the_group_link_class():
+    r = run_ranks(link_rule_worker, 2)[0]
+    assert r["intra_plain"][0] == r["intra_plain"][1]  # plain: wire == raw
+    assert r["inter_plain"][1] < r["inter_plain"][0]  # compressed on the second step

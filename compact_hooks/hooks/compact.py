@@ -11,6 +11,7 @@ from ..config import CompactConfig, load_config
 from ..hook import CollectiveCall, CommHook, plain_collective
 from ..policy import CallSite, first_match, rules_fingerprint
 from ..residual import Session
+from ..topology import Topology
 from ..wire import FLOAT_DTYPES
 
 
@@ -29,6 +30,8 @@ class CompactHook(CommHook):
         self.collectives = frozenset(self.config.collectives)
         self.rule_sessions: dict[int, Session] = {}  # rule index -> its session (sharing the stats)
         self._handshake = {"collectives": sorted(self.collectives)}
+        # a "link" rule needs the group's link class: hostnames exchanged once per group
+        self.topology: Optional[Topology] = Topology() if any(r.match.link for r in self.config.rules) else None
         if self.config.rules:
             self._handshake["rules"] = rules_fingerprint(self.config.rules)
 
@@ -41,7 +44,8 @@ class CompactHook(CommHook):
         # compressed collective with a plain one
         C.agree_on_settings(self.session, call.group, self._handshake)
         C.agree_on_tensor(self.session, call.group, key, call.op, x)  # once per call site and shape
-        session = self.session_for(key, call.op, C.group_size(call.group))
+        link = self.topology.link_class(call.group) if self.topology is not None else None
+        session = self.session_for(key, call.op, C.group_size(call.group), link)
         if (session is None or call.op not in self.collectives or not x.is_floating_point() or x.numel() == 0
                 or x.dtype not in FLOAT_DTYPES or session.is_lossless(x.dtype)):
             return self._plain(call, key)
