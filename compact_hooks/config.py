@@ -65,6 +65,7 @@ class CompactConfig(_Block):
     warmup_compressor: Optional[Union[str, dict[str, Any]]] = None
     kernels: Literal["auto", "torch", "triton"] = "auto"  # see compact_hooks/kernels/dispatch.py
     rules: list[Rule] = Field(default_factory=list)
+    links: Literal["all", "inter_host"] = "all"
 
     @field_validator("timeout_s", mode="before")
     @classmethod

@@ -255,3 +255,24 @@ def test_link_rules_match_the_group_link_class():
     r = run_ranks(link_rule_worker, 2)[0]
     assert r["intra_plain"][0] == r["intra_plain"][1]  # plain: wire == raw
     assert r["inter_plain"][1] < r["inter_plain"][0]  # compressed on the second step
+
+
+def links_config_worker(rank: int, world: int) -> dict:
+    """``"links": "inter_host"`` through build_hook: local ranks share a host, so every call is plain."""
+    hook = ch.build_hook({"compressor": "int2", "links": "inter_host"})
+    exact = []
+    for step in range(3):
+        x = drifting(rank, step, (2 * world, 256))
+        for op in OPS:
+            got = hook(ch.CollectiveCall(op, x, None, key=op))
+            exact.append(torch.equal(got, ch.PassthroughHook()(ch.CollectiveCall(op, x, None))))
+        hook.next_step()
+    return {"exact": exact, "links": hook.stats()["links"]}
+
+
+def test_links_inter_host_sends_intra_host_groups_plain():
+    r = run_ranks(links_config_worker, 2)[0]
+    assert all(r["exact"])
+    intra = r["links"]["intra_host"]
+    assert intra["calls"] == 12 and intra["raw_bytes"] == intra["wire_bytes"] > 0
+    assert r["links"]["inter_host"]["calls"] == 0

@@ -9,14 +9,16 @@ import torch
 from ..config import load_config
 from ..hook import CommHook
 from .compact import CompactHook
+from .links import LinkAwareHook
 from .plain import CastHook, PassthroughHook
 from .stale import StaleHook
 
 
 def build_hook(config: Any = None) -> CommHook:
     """The hook a config asks for: ``hook`` selects compact, stale, passthrough or cast;
-    ``enabled: false`` gives a :class:`PassthroughHook`. Every hook waits at most the config's
-    ``timeout_s`` for a peer."""
+    ``enabled: false`` gives a :class:`PassthroughHook`; ``links: "inter_host"`` wraps the
+    CompactHook in a :class:`LinkAwareHook` that sends groups within one host plain. Every hook
+    waits at most the config's ``timeout_s`` for a peer."""
     cfg = load_config(config)
     if not cfg.enabled or cfg.hook == "passthrough":
         return PassthroughHook(cfg.timeout_s)
@@ -24,4 +26,6 @@ def build_hook(config: Any = None) -> CommHook:
         return CastHook(getattr(torch, cfg.cast_dtype), cfg.timeout_s)
     if cfg.hook == "stale":
         return StaleHook(max(1, cfg.warmup_steps), timeout_s=cfg.timeout_s)
+    if cfg.links == "inter_host":  # compress only groups that span hosts; the rest go plain
+        return LinkAwareHook(CompactHook(cfg), PassthroughHook(cfg.timeout_s))
     return CompactHook(cfg)

@@ -29,7 +29,7 @@ class CompactHook(CommHook):
         self.session = session if session is not None else Session.from_config(self.config)
         self.collectives = frozenset(self.config.collectives)
         self.rule_sessions: dict[int, Session] = {}  # rule index -> its session (sharing the stats)
-        self._handshake = {"collectives": sorted(self.collectives)}
+        self._handshake = {"collectives": sorted(self.collectives), "links": self.config.links}
         # a "link" rule needs the group's link class: hostnames exchanged once per group
         self.topology: Optional[Topology] = Topology() if any(r.match.link for r in self.config.rules) else None
         if self.config.rules:
