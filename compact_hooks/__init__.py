@@ -12,10 +12,11 @@ from .compressors.base import Compressor
 from .config import CompactConfig, load_config, strip_config
 from .errors import CollectiveTimeoutError, CompactHooksError, ConfigError, ProtocolError
 from .hook import CollectiveCall, CommHook
-from .hooks import CastHook, CompactHook, PassthroughHook, StaleHook, build_hook
+from .hooks import CastHook, CompactHook, LinkAwareHook, PassthroughHook, StaleHook, build_hook
 from .registry import available_compressors, build_compressor, register_compressor
 from .residual import Channel, Session
 from .stats import Stats
+from .topology import Topology
 
 __version__ = "0.1.0"
 
@@ -30,11 +31,13 @@ __all__ = [
     "CompactHooksError",
     "Compressor",
     "ConfigError",
+    "LinkAwareHook",
     "PassthroughHook",
     "ProtocolError",
     "Session",
     "StaleHook",
     "Stats",
+    "Topology",
     "available_compressors",
     "build_compressor",
     "build_hook",
