@@ -37,6 +37,15 @@ TRAINED_DEFAULTS = {"steps": 20, "height": 16, "width": 16}
 TRAINED_PROMPT = "0 1 2 3 4 5 6 7 8 9"
 
 
+def usp_degrees(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``ulysses_degree`` / ``ring_degree`` keywords of ``parallelize`` for ``--mode usp``."""
+    if args.mode != "usp":
+        if args.ulysses_degree is not None or args.ring_degree is not None:
+            raise SystemExit("compact-hooks run: --ulysses-degree / --ring-degree need --mode usp")
+        return {}
+    return {"ulysses_degree": args.ulysses_degree, "ring_degree": args.ring_degree}
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``run`` on the ``compact-hooks`` command's subparsers."""
     p = subparsers.add_parser(
@@ -54,7 +63,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, help="(embedded: 3.5; --model: the pipeline's default)")
     p.add_argument("--out", default="out", help="output directory (rank 0 writes it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--mode", choices=("ulysses", "allgather", "ring"), default="ulysses")
+    p.add_argument("--mode", choices=("ulysses", "allgather", "ring", "usp"), default="ulysses",
+                   help="usp: Ulysses inside each host, ring across hosts (degrees from the host layout by default)")
+    p.add_argument("--ulysses-degree", type=int, help="--mode usp: ranks per Ulysses group")
+    p.add_argument("--ring-degree", type=int, help="--mode usp: Ulysses groups in the ring")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-reference", action="store_true", help="skip the uncompressed reference run")
     p.add_argument("--record-trace", metavar="DIR", help="record the hook's tensors per step to DIR")
@@ -335,7 +347,7 @@ def main(args: argparse.Namespace) -> int:
         reference = ref_latents = None
         ref_seconds = None
         if not args.no_reference:
-            with parallelize(pipe, group, mode=args.mode, hook=ch.PassthroughHook()):
+            with parallelize(pipe, group, mode=args.mode, hook=ch.PassthroughHook(), **usp_degrees(args)):
                 reference, ref_latents, ref_seconds = generate(pipe, prompt, args, device, "reference", show)
 
         hook = ch.build_hook(cfg)
@@ -344,7 +356,7 @@ def main(args: argparse.Namespace) -> int:
 
             hook = TraceRecorder(hook, args.record_trace, trace_patterns(args.trace_keys, args.config), rank,
                                  args.trace_steps)
-        with parallelize(pipe, group, mode=args.mode, hook=hook):
+        with parallelize(pipe, group, mode=args.mode, hook=hook, **usp_degrees(args)):
             images, latents, seconds = generate(pipe, prompt, args, device, compressor_name(cfg), show)
         if args.record_trace:
             finish(hook, group, model=model_name, mode=args.mode, world_size=world, config=cfg.model_dump(mode="json"))
