@@ -15,10 +15,9 @@ import os
 import socket
 from typing import Literal, Optional
 
-import torch
 import torch.distributed as dist
 
-from .collectives import all_gather, group_size
+from .collectives import gather_texts, group_ranks, group_size
 
 LinkClass = Literal["intra_host", "inter_host"]
 LINK_CLASSES: tuple[str, ...] = ("intra_host", "inter_host")
@@ -28,40 +27,17 @@ HOSTNAME_ENV = "COMPACT_HOOKS_HOSTNAME"
 Group = Optional[dist.ProcessGroup]
 
 
-def group_ranks(group: Group) -> tuple[int, ...]:
-    """The global ranks of ``group`` in group-rank order (``(0,)`` without torch.distributed)."""
-    if not dist.is_initialized():
-        return (0,)
-    if group is None or group is dist.group.WORLD:
-        return tuple(range(dist.get_world_size()))
-    return tuple(dist.get_process_group_ranks(group))
-
-
 def local_hostname() -> str:
     """``$COMPACT_HOOKS_HOSTNAME`` if set (containers that share a hostname), else the host's name."""
     return os.environ.get(HOSTNAME_ENV) or socket.gethostname()
 
 
-def _encode(name: str) -> torch.Tensor:
+def _checked(name: str) -> bytes:
     raw = name.encode("utf-8")
     if not raw or len(raw) > HOSTNAME_BYTES or b"\0" in raw:
         raise ValueError(f"a hostname must be 1..{HOSTNAME_BYTES} bytes of UTF-8 without NUL; got {name!r}"
                          f" (set {HOSTNAME_ENV} to a shorter name)")
-    buf = torch.zeros(HOSTNAME_BYTES, dtype=torch.uint8)
-    buf[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    return buf
-
-
-def _decode(row: torch.Tensor) -> str:
-    return bytes(row.tolist()).rstrip(b"\0").decode("utf-8")
-
-
-def _device_for(group: Group) -> torch.device:
-    """Where the exchange buffer must live for ``group``'s backend (NCCL: the current GPU)."""
-    backend = dist.get_backend(group)
-    if str(backend).lower() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return raw
 
 
 class Topology:
@@ -74,7 +50,7 @@ class Topology:
 
     def __init__(self, hostname: Optional[str] = None) -> None:
         self.hostname = hostname if hostname is not None else local_hostname()
-        self._encoded = _encode(self.hostname)
+        self._encoded = _checked(self.hostname)
         self._hosts: dict[tuple[int, ...], tuple[str, ...]] = {}
         self.exchanges = 0  # all-gathers done (one per group not derivable from earlier ones)
 
@@ -100,10 +76,9 @@ class Topology:
     def _exchange(self, group: Group, size: int) -> tuple[str, ...]:
         if size == 1 or group_size(group) == 1:
             return (self.hostname,)
-        mine = self._encoded.to(_device_for(group)).view(1, -1)
-        every = all_gather(mine, group, dim=0).cpu()
+        every = gather_texts(self._encoded, HOSTNAME_BYTES, group, None, "the hostname exchange")
         self.exchanges += 1
-        return tuple(_decode(row) for row in every)
+        return tuple(every)
 
     def link_class(self, group: Group) -> LinkClass:
         """``"intra_host"`` if every rank of ``group`` is on one host, else ``"inter_host"``."""

@@ -107,22 +107,15 @@ def pieces(op: str, x: torch.Tensor, size: int) -> list[torch.Tensor]:
 def goes_plain(op: str, x: torch.Tensor, size: int, session: Any) -> bool:
     """Whether ``op`` of ``x`` takes the plain collective: a lossless codec, or compressed payloads
     that would not be smaller than what the plain collective sends."""
-    if session.is_lossless(x.dtype):
-        return True
-    compressor = session.compressor
-    if op == "all_reduce" and compressor.summable:
-        wire = torch.empty((), dtype=getattr(compressor, "wire_dtype", x.dtype)).element_size()
-        return wire >= x.element_size()
-    piece = pieces(op, x, size)[0]
-    steady = session.payload_nbytes(tuple(piece.shape), x.dtype, False)
-    if op == "all_reduce":
-        return 2 * (size - 1) * steady >= plain_bytes(op, x.numel() * x.element_size(), size)
-    return steady >= piece.numel() * piece.element_size()
+    from compact_hooks.collectives import plain_is_cheaper
+
+    return session.is_lossless(x.dtype) or plain_is_cheaper(session, op, x, size)
 
 
 def plain_bytes(op: str, nbytes: int, size: int) -> int:
-    return {"all_gather": (size - 1) * nbytes, "all_to_all": (size - 1) * nbytes // size,
-            "all_reduce": 2 * (size - 1) * nbytes // size}[op]
+    from compact_hooks.collectives import plain_bytes as declared
+
+    return declared(op, nbytes, size)
 
 
 def one_shot_error(compressor: Any, ts: list[torch.Tensor]) -> float:

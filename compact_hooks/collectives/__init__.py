@@ -15,6 +15,8 @@ from .compressed import (
     compressed_all_reduce,
     compressed_all_to_all,
     compressed_ring_exchange,
+    plain_is_cheaper,
+    plain_recorded,
     reduce_chunks,
 )
 from .plain import (
@@ -33,20 +35,28 @@ from .protocol import (
     SETTINGS_NBYTES,
     agree_on_settings,
     agree_on_tensor,
-    device_of,
-    group_ranks,
     header_problem,
     maybe_verify,
     raise_if_any,
     verify_headers,
 )
-from .transport import Group, all_gather_bytes, all_to_all_bytes, exchange_ring, transport_timeout, wait
+from .transport import (
+    Group,
+    all_gather_bytes,
+    all_to_all_bytes,
+    device_of,
+    exchange_ring,
+    gather_texts,
+    group_ranks,
+    transport_timeout,
+    wait,
+)
 
 __all__ = [
-    "Group", "SETTINGS_NBYTES", "agree_on_settings", "agree_on_tensor", "group_ranks", "header_problem",
-    "raise_if_any", "all_gather", "all_gather_bytes", "all_reduce", "all_reduce_",
-    "all_to_all", "all_to_all_bytes", "check_rows", "compressed_all_gather", "compressed_all_reduce",
-    "compressed_all_to_all", "compressed_ring_exchange", "device_of", "exchange_ring", "global_rank", "group_rank",
-    "group_size", "maybe_verify", "plain_bytes", "reduce_chunks", "ring_exchange", "transport_timeout",
+    "Group", "SETTINGS_NBYTES", "agree_on_settings", "agree_on_tensor", "all_gather", "all_gather_bytes",
+    "all_reduce", "all_reduce_", "all_to_all", "all_to_all_bytes", "check_rows", "compressed_all_gather",
+    "compressed_all_reduce", "compressed_all_to_all", "compressed_ring_exchange", "device_of", "exchange_ring", "gather_texts",
+    "global_rank", "group_rank", "group_ranks", "group_size", "header_problem", "maybe_verify", "plain_bytes",
+    "plain_is_cheaper", "plain_recorded", "raise_if_any", "reduce_chunks", "ring_exchange", "transport_timeout",
     "verify_headers", "wait",
 ]

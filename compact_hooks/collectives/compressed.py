@@ -35,12 +35,23 @@ def _nbytes(x: torch.Tensor) -> int:
     return x.numel() * x.element_size()
 
 
-def _steady_payload(session: Session, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    return session.payload_nbytes(shape, dtype, full=False)
+def plain_is_cheaper(session: Session, op: str, x: torch.Tensor, size: int) -> bool:
+    """Whether the plain collective sends no more than the compressed one would in a steady step
+    (tiny tensors, where headers and scales dominate; a summable cast no narrower than ``x``)."""
+    compressor = session.compressor
+    if op == "all_reduce" and compressor.summable:
+        wire = torch.empty((), dtype=getattr(compressor, "wire_dtype", x.dtype)).element_size()
+        return wire >= x.element_size()
+    if op == "all_reduce":
+        chunk = tuple(reduce_chunks(x, size)[0].shape)
+        return 2 * (size - 1) * session.payload_nbytes(chunk, x.dtype, False) >= plain_bytes(op, _nbytes(x), size)
+    piece = (x.shape[0] // size, *x.shape[1:]) if op == "all_to_all" else tuple(x.shape)
+    return session.payload_nbytes(piece, x.dtype, False) >= _nbytes(x) // (size if op == "all_to_all" else 1)
 
 
-def _plain_instead(session: Session, key: str, op: str, x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
-    """The plain collective, recorded as such (compression would not send fewer bytes)."""
+def plain_recorded(session: Session, key: str, op: str, x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
+    """The plain collective of ``op`` (waiting at most the session's ``timeout_s``), recorded in the
+    session's stats with raw = wire = its :func:`plain_bytes`."""
     sent = plain_bytes(op, _nbytes(x), group_size(group))
     session.stats.record(key, op, sent, sent, True)
     timeout = session.timeout_s
@@ -53,11 +64,16 @@ def _plain_instead(session: Session, key: str, op: str, x: torch.Tensor, group: 
     return plain_ring_exchange(x, group, timeout)
 
 
-def _check_first(session: Session, key: str, payloads: torch.Tensor, full: bool, group: Group,
-                 dtype: torch.dtype, numel: int) -> None:
-    """Verify the headers of a key's first full send in this group (once per key, not per step)."""
+def _gather_payloads(payload: torch.Tensor, full: bool, session: Session, key: str, group: Group,
+                     dtype: torch.dtype, numel: int, what: str) -> tuple[list[torch.Tensor], int]:
+    """Every rank's payload of an all-gather stage and the bytes this rank sent per peer (a length
+    first for variable-size codecs); the headers of a key's first full send are verified."""
+    if session.compressor.variable_size and not full:
+        return all_gather_varlen(payload, group, session.timeout_s, what), payload.numel() + SIZE_NBYTES
+    gathered = all_gather_bytes(payload, group, session.timeout_s, what)
     if full:
-        verify_headers(payloads, session, key, group, dtype, numel)
+        verify_headers(gathered, session, key, group, dtype, numel)
+    return list(gathered), payload.numel()
 
 
 def compressed_all_gather(x: torch.Tensor, group: Group, session: Session, key: str, dim: int = 0) -> torch.Tensor:
@@ -66,22 +82,16 @@ def compressed_all_gather(x: torch.Tensor, group: Group, session: Session, key: 
     size = group_size(group)
     if size == 1:
         return x
+    if plain_is_cheaper(session, "all_gather", x, size):
+        return plain_recorded(session, key, "all_gather", x, group, dim)
     shape = tuple(x.shape)
-    if _steady_payload(session, shape, x.dtype) >= _nbytes(x):
-        return _plain_instead(session, key, "all_gather", x, group, dim)
     rank = group_rank(group)
     full = session.prepare(key, shape, x.dtype)
     payload, _ = session.channel(key, global_rank(group, rank)).encode(x, full)
-    what = f"all_gather of {key!r}"
-    if session.compressor.variable_size and not full:
-        gathered, sent = all_gather_varlen(payload, group, session.timeout_s, what), SIZE_NBYTES
-    else:
-        gathered, sent = all_gather_bytes(payload, group, session.timeout_s, what), 0
-        _check_first(session, key, gathered, full, group, x.dtype, x.numel())
+    gathered, sent = _gather_payloads(payload, full, session, key, group, x.dtype, x.numel(), f"all_gather of {key!r}")
     parts = [x if j == rank else session.channel(key, global_rank(group, j)).decode(gathered[j], shape, x.dtype, full)
              for j in range(size)]
-    ks = session.stats.record(key, "all_gather", plain_bytes("all_gather", _nbytes(x), size),
-                              (size - 1) * (payload.numel() + sent), full)
+    ks = session.stats.record(key, "all_gather", plain_bytes("all_gather", _nbytes(x), size), (size - 1) * sent, full)
     out = torch.cat(parts, dim=dim)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, out, all_gather(x, group, dim, session.timeout_s))
@@ -124,10 +134,10 @@ def compressed_all_to_all(x: torch.Tensor, group: Group, session: Session, key: 
     if size == 1:
         return x
     check_rows(x, size)
+    if plain_is_cheaper(session, "all_to_all", x, size):
+        return plain_recorded(session, key, "all_to_all", x, group)
     chunks = list(x.chunk(size, dim=0))
     chunk_shape = tuple(chunks[0].shape)
-    if _steady_payload(session, chunk_shape, x.dtype) >= _nbytes(chunks[0]):
-        return _plain_instead(session, key, "all_to_all", x, group)
     full = session.prepare(key, chunk_shape, x.dtype)
     out, sent = _exchange_chunks(chunks, group, session, key, full)
     ks = session.stats.record(key, "all_to_all", plain_bytes("all_to_all", _nbytes(x), size), sent, full)
@@ -167,11 +177,10 @@ def compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: 
     size = group_size(group)
     if size == 1:
         return x
+    if plain_is_cheaper(session, "all_reduce", x, size):
+        return plain_recorded(session, key, "all_reduce", x, group)
     chunks = reduce_chunks(x, size)
     chunk_shape = tuple(chunks[0].shape)
-    plain = plain_bytes("all_reduce", _nbytes(x), size)
-    if 2 * (size - 1) * _steady_payload(session, chunk_shape, x.dtype) >= plain:
-        return _plain_instead(session, key, "all_reduce", x, group)
     rank = group_rank(group)
     key_rs, key_ag = f"{key}:reduce_scatter", f"{key}:all_gather"
     full = session.prepare(key_rs, chunk_shape, x.dtype)
@@ -183,18 +192,14 @@ def compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: 
     full_ag = session.prepare(key_ag, chunk_shape, x.dtype)
     me = global_rank(group, rank)
     payload, own = session.channel(key_ag, me).encode(reduced, full_ag)
-    what = f"all_reduce of {key!r}"
-    if session.compressor.variable_size and not full_ag:
-        gathered, sent_ag = all_gather_varlen(payload, group, session.timeout_s, what), SIZE_NBYTES
-    else:
-        gathered, sent_ag = all_gather_bytes(payload, group, session.timeout_s, what), 0
-        _check_first(session, key_ag, gathered, full_ag, group, x.dtype, reduced.numel())
+    gathered, sent_ag = _gather_payloads(payload, full_ag, session, key_ag, group, x.dtype, reduced.numel(),
+                                         f"all_reduce of {key!r}")
     parts = [own if j == rank else
              session.channel(key_ag, global_rank(group, j)).decode(gathered[j], chunk_shape, x.dtype, full_ag)
              for j in range(size)]
     out = torch.cat(parts).reshape(-1)[: x.numel()].reshape(x.shape)
-    ks = session.stats.record(key, "all_reduce", plain, sent_rs + (size - 1) * (payload.numel() + sent_ag),
-                              full or full_ag)
+    ks = session.stats.record(key, "all_reduce", plain_bytes("all_reduce", _nbytes(x), size),
+                              sent_rs + (size - 1) * sent_ag, full or full_ag)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, out, all_reduce(x, group, session.timeout_s))
     maybe_verify(session, key_rs, group)
@@ -208,9 +213,9 @@ def compressed_ring_exchange(x: torch.Tensor, group: Group, session: Session, ke
     size = group_size(group)
     if size == 1:
         return x
+    if plain_is_cheaper(session, "ring_exchange", x, size):
+        return plain_recorded(session, key, "ring_exchange", x, group)
     shape = tuple(x.shape)
-    if _steady_payload(session, shape, x.dtype) >= _nbytes(x):
-        return _plain_instead(session, key, "ring_exchange", x, group)
     rank = group_rank(group)
     nxt, prv = global_rank(group, (rank + 1) % size), global_rank(group, (rank - 1) % size)
     me = global_rank(group, rank)
@@ -223,7 +228,8 @@ def compressed_ring_exchange(x: torch.Tensor, group: Group, session: Session, ke
     else:
         recv = torch.empty_like(payload)
         exchange_ring(payload, recv, nxt, prv, group, session.timeout_s, what)
-        _check_first(session, key, recv.unsqueeze(0), full, group, x.dtype, x.numel())
+        if full:
+            verify_headers(recv.unsqueeze(0), session, key, group, x.dtype, x.numel())
     # a copy: the caller may change the result in place, the channel's base must not change with it
     out = session.channel(key, prv, me).decode(recv, shape, x.dtype, full).clone()
     ks = session.stats.record(key, "ring_exchange", plain_bytes("ring_exchange", _nbytes(x), size), sent, full)

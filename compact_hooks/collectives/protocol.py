@@ -3,25 +3,18 @@ periodic base checksums. Each raises or repairs before a mismatch can corrupt a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
 from ..errors import ProtocolError
 from ..residual import Session
 from ..wire import HEADER_NBYTES, WIRE_VERSION, parse_header
 from .plain import group_rank, group_size
-from .transport import Group, all_gather_bytes, all_gather_into
+from .transport import Group, all_gather_into, gather_texts, group_ranks
 
 SETTINGS_NBYTES = 1024
-
-
-def group_ranks(group: Group) -> tuple[int, ...]:
-    """The global ranks of ``group`` (the key of per-group state)."""
-    return tuple(dist.get_process_group_ranks(group)) if group is not None else tuple(range(group_size(group)))
 
 
 def header_problem(payloads: torch.Tensor, session: Session, key: str, dtype: Optional[torch.dtype] = None,
@@ -30,7 +23,7 @@ def header_problem(payloads: torch.Tensor, session: Session, key: str, dtype: Op
     version, codec fingerprint, and (when given) dtype and element count (a peer's float16
     tensor must not decode as bfloat16)."""
     headers = payloads.reshape(payloads.shape[0], -1)[:, :HEADER_NBYTES].cpu()  # one host copy for all rows
-    codec = session.warmup_compressor or session.compressor  # first exchanges are full sends
+    codec = session.full_codec  # headers are checked on full sends
     for row in headers:
         try:
             header = parse_header(row)
@@ -67,14 +60,9 @@ VERDICT_NBYTES = 1024
 def raise_if_any(problem: str, group: Group, timeout_s: Optional[float], what: str) -> None:
     """Share each rank's ``problem`` text (empty: none) with the group; if any rank has one, every
     rank raises :class:`ProtocolError` with the first such rank's text."""
-    data = problem.encode()[:VERDICT_NBYTES]
-    buf = torch.zeros(VERDICT_NBYTES, dtype=torch.uint8)
-    if data:
-        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    gathered = all_gather_bytes(buf.to(device_of(group)), group, timeout_s, what).cpu()
+    texts = gather_texts(problem.encode(), VERDICT_NBYTES, group, timeout_s, what)
     ranks = group_ranks(group)
-    for j, row in enumerate(gathered):
-        text = bytes(row.tolist()).rstrip(b"\0").decode(errors="replace")
+    for j, text in enumerate(texts):
         if text:
             raise ProtocolError(f"rank {ranks[j]} found: {text}")
 
@@ -92,12 +80,7 @@ def agree_on_tensor(session: Session, group: Group, key: str, op: str, tensor: t
         return
     dtype = str(tensor.dtype).removeprefix("torch.")
     text = f"{op} of a {dtype} tensor of shape {list(tensor.shape)}".encode()
-    if len(text) > TENSOR_NBYTES:  # a tensor of many dims: compare a digest
-        text = (text[:TENSOR_NBYTES - 48] + b"..." + hashlib.sha1(text).hexdigest().encode())[:TENSOR_NBYTES]
-    buf = torch.zeros(TENSOR_NBYTES, dtype=torch.uint8)
-    buf[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-    gathered = all_gather_bytes(buf.to(device_of(group)), group, session.timeout_s, f"the tensor check of {key!r}").cpu()
-    texts = [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in gathered]
+    texts = gather_texts(text, TENSOR_NBYTES, group, session.timeout_s, f"the tensor check of {key!r}")
     me = group_rank(group)
     for j, other in enumerate(texts):
         if other != texts[me]:
@@ -120,13 +103,7 @@ def agree_on_settings(session: Session, group: Group, extra: Optional[dict[str, 
     if ranks in session.checked_groups:
         return
     mine = json.dumps({"wire": WIRE_VERSION, **session.settings(), **(extra or {})}, sort_keys=True).encode()
-    if len(mine) > SETTINGS_NBYTES:  # long rules: a digest of the whole text still tells any difference
-        digest = hashlib.sha1(mine).hexdigest().encode()
-        mine = mine[: SETTINGS_NBYTES - 64] + b"...(truncated; sha1 " + digest + b")"
-    buf = torch.zeros(SETTINGS_NBYTES, dtype=torch.uint8)
-    buf[: len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
-    gathered = all_gather_bytes(buf.to(device_of(group)), group, session.timeout_s, "the settings handshake").cpu()
-    texts = [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in gathered]
+    texts = gather_texts(mine, SETTINGS_NBYTES, group, session.timeout_s, "the settings handshake")
     me = group_rank(group)
     for j, text in enumerate(texts):
         if text != texts[me]:
@@ -149,14 +126,6 @@ def _differing(mine: str, theirs: str) -> str:
     return f" (they differ in: {', '.join(keys)})" if keys else ""
 
 
-def device_of(group: Group) -> torch.device:
-    """The device a group's collectives run on (CUDA for nccl, else the CPU)."""
-    backend = dist.get_backend(group)
-    if backend == "nccl" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def maybe_verify(session: Session, key: str, group: Group) -> None:
     """Every ``verify_every`` exchanges of ``key``: gather a checksum of every base of the key from
     every rank; where two copies of a stream differ, every rank schedules a full send of the key."""
@@ -165,7 +134,7 @@ def maybe_verify(session: Session, key: str, group: Group) -> None:
             or state.exchanges % session.verify_every):
         return
     size = group_size(group)
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
+    ranks = group_ranks(group)
     index = {g: i for i, g in enumerate(ranks)}
     device = next((ch.base.device for ch in state.channels.values() if ch.base is not None), torch.device("cpu"))
     table = torch.zeros((size, size + 1, 2), dtype=torch.int64, device=device)

@@ -3,6 +3,7 @@ payloads. A peer that dies or hangs becomes a :class:`~compact_hooks.errors.Coll
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional
@@ -13,6 +14,23 @@ import torch.distributed as dist
 from ..errors import CollectiveTimeoutError
 
 Group = Optional[dist.ProcessGroup]
+
+
+def group_ranks(group: Group) -> tuple[int, ...]:
+    """The global ranks of ``group`` in group-rank order (``(0,)`` without torch.distributed): the key
+    of per-group state."""
+    if not dist.is_initialized():
+        return (0,)
+    if group is None or group is dist.group.WORLD:
+        return tuple(range(dist.get_world_size()))
+    return tuple(dist.get_process_group_ranks(group))
+
+
+def device_of(group: Group) -> torch.device:
+    """The device a group's collectives run on (the current GPU for nccl, else the CPU)."""
+    if dist.get_backend(group) == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def wait(work: Any, timeout_s: Optional[float], what: str) -> None:
@@ -90,6 +108,19 @@ def all_gather_bytes(payload: torch.Tensor, group: Group, timeout_s: Optional[fl
     out = torch.empty((size, payload.numel()), dtype=payload.dtype, device=payload.device)
     all_gather_into(out.view(-1), payload.contiguous(), group, timeout_s, what)
     return out
+
+
+def gather_texts(text: bytes, nbytes: int, group: Group, timeout_s: Optional[float], what: str) -> list[str]:
+    """Every rank's ``text`` in group-rank order, through one all_gather of ``nbytes``-byte buffers. A
+    longer text is cut and ends in a digest of the whole, so texts that differ anywhere still differ."""
+    if len(text) > nbytes:
+        tail = b"...(truncated; sha1 " + hashlib.sha1(text).hexdigest().encode() + b")"
+        text = text[: nbytes - len(tail)] + tail
+    buf = torch.zeros(nbytes, dtype=torch.uint8)
+    if text:
+        buf[: len(text)] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    gathered = all_gather_bytes(buf.to(device_of(group)), group, timeout_s, what).cpu()
+    return [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in gathered]
 
 
 def all_to_all_bytes(payloads: torch.Tensor, group: Group, timeout_s: Optional[float] = None,

@@ -8,7 +8,7 @@ import torch
 
 from .. import collectives as C
 from ..config import CompactConfig, load_config
-from ..hook import CollectiveCall, CommHook, plain_collective
+from ..hook import CollectiveCall, CommHook
 from ..policy import CallSite, first_match, rules_fingerprint
 from ..residual import Session
 from ..topology import Topology
@@ -37,7 +37,8 @@ class CompactHook(CommHook):
 
     def __call__(self, call: CollectiveCall) -> torch.Tensor:
         x = call.tensor
-        if C.group_size(call.group) == 1:
+        size = C.group_size(call.group)
+        if size == 1:
             return x
         key = call.key if call.key is not None else self.session.auto_key(call.op)
         # before the plain path too: ranks that disagree on which ops they compress would pair a
@@ -45,7 +46,7 @@ class CompactHook(CommHook):
         C.agree_on_settings(self.session, call.group, self._handshake)
         C.agree_on_tensor(self.session, call.group, key, call.op, x)  # once per call site and shape
         link = self.topology.link_class(call.group) if self.topology is not None else None
-        session = self.session_for(key, call.op, C.group_size(call.group), link)
+        session = self.session_for(key, call.op, size, link)
         if (session is None or call.op not in self.collectives or not x.is_floating_point() or x.numel() == 0
                 or x.dtype not in FLOAT_DTYPES or session.is_lossless(x.dtype)):
             return self._plain(call, key)
@@ -53,12 +54,11 @@ class CompactHook(CommHook):
             return C.compressed_all_gather(x, call.group, session, key, call.dim)
         if call.op == "all_to_all":
             return C.compressed_all_to_all(x, call.group, session, key)
+        if call.op == "all_reduce" and session.compressor.summable:
+            if C.plain_is_cheaper(session, "all_reduce", x, size):
+                return self._plain(call, key)  # a cast that is not narrower: plain and exact
+            return self._summable_all_reduce(call, key, session)
         if call.op == "all_reduce":
-            if session.compressor.summable:
-                wire_dtype = getattr(session.compressor, "wire_dtype", x.dtype)
-                if torch.empty((), dtype=wire_dtype).element_size() >= x.element_size():
-                    return self._plain(call, key)  # a cast that is not smaller: plain and exact
-                return self._summable_all_reduce(call, key, session)
             return C.compressed_all_reduce(x, call.group, session, key)
         return C.compressed_ring_exchange(x, call.group, session, key)
 
@@ -87,9 +87,7 @@ class CompactHook(CommHook):
         return [self.session, *self.rule_sessions.values()]
 
     def _plain(self, call: CollectiveCall, key: str) -> torch.Tensor:
-        sent = C.plain_bytes(call.op, call.tensor.numel() * call.tensor.element_size(), C.group_size(call.group))
-        self.session.stats.record(key, call.op, sent, sent, True)
-        return plain_collective(call, self.session.timeout_s)
+        return C.plain_recorded(self.session, key, call.op, call.tensor, call.group, call.dim)
 
     def _summable_all_reduce(self, call: CollectiveCall, key: str, session: Session) -> torch.Tensor:
         """Lossless casts are summed by ``all_reduce`` in the wire dtype."""
