@@ -11,7 +11,7 @@ Quick start::
 from .compressors.base import Compressor
 from .config import CompactConfig, load_config, strip_config
 from .errors import CollectiveTimeoutError, CompactHooksError, ConfigError, ProtocolError
-from .hook import CollectiveCall, CommHook
+from .hook import CollectiveCall, CommHook, WrappingHook
 from .hooks import CastHook, CompactHook, LinkAwareHook, PassthroughHook, StaleHook, build_hook
 from .registry import available_compressors, build_compressor, register_compressor
 from .residual import Channel, Session
@@ -38,6 +38,7 @@ __all__ = [
     "StaleHook",
     "Stats",
     "Topology",
+    "WrappingHook",
     "available_compressors",
     "build_compressor",
     "build_hook",

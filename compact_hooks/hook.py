@@ -90,6 +90,34 @@ class CommHook:
         return {}
 
 
+class WrappingHook(CommHook):
+    """A hook around another (``inner``), in the style of DDP's composable hook wrappers: every call,
+    step and request mark, ``stats()`` and ``timeout_s`` go to ``inner``; a subclass overrides what
+    it adds (metering, tracing, fault injection) and calls the base."""
+
+    def __init__(self, inner: CommHook) -> None:
+        self.inner = inner
+
+    def __call__(self, call: CollectiveCall) -> torch.Tensor:
+        return self.inner(call)
+
+    @property
+    def timeout_s(self) -> Optional[float]:  # type: ignore[override]
+        return self.inner.timeout_s
+
+    def begin_request(self) -> None:
+        self.inner.begin_request()
+
+    def next_step(self) -> None:
+        self.inner.next_step()
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def stats(self) -> dict[str, Any]:
+        return self.inner.stats()
+
+
 def plain_collective(call: CollectiveCall, timeout_s: Optional[float] = None) -> torch.Tensor:
     """Run ``call`` with plain torch.distributed (waiting at most ``timeout_s`` for peers)."""
     if call.op == "all_gather":

@@ -65,12 +65,13 @@ class Log:
         os.write(self.fd, (json.dumps({"event": event, "rank": self.rank, **fields}) + "\n").encode())
 
 
-class StopAt(ch.CommHook):
+class StopAt(ch.WrappingHook):
     """Delegates to ``inner``; SIGSTOPs this process right before the call whose key is ``key`` in
     request ``request``, step ``step`` (counted by the step/request marks of the integration)."""
 
     def __init__(self, inner: ch.CommHook, log: Log, request: int, step: int, key: str) -> None:
-        self.inner, self.log, self.target, self.key = inner, log, (request, step), key
+        super().__init__(inner)
+        self.log, self.target, self.key = log, (request, step), key
         self.request, self.step = -1, 0
 
     def __call__(self, call: ch.CollectiveCall) -> torch.Tensor:
@@ -85,12 +86,6 @@ class StopAt(ch.CommHook):
     def next_step(self) -> None:
         self.step += 1
         self.inner.next_step()
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def stats(self) -> dict[str, Any]:
-        return self.inner.stats()
 
 
 def stop_self(log: Log, request: int, where: str) -> None:

@@ -35,7 +35,7 @@ from compact_hooks.bench.e2e import (
     lowrank_spec,
 )
 from compact_hooks.collectives import group_size
-from compact_hooks.hook import CollectiveCall, CommHook, plain_collective
+from compact_hooks.hook import CollectiveCall, CommHook, WrappingHook, plain_collective
 
 Group = Optional[dist.ProcessGroup]
 
@@ -87,11 +87,11 @@ class Timer:
         return timed
 
 
-class MeteredHook(CommHook):
+class MeteredHook(WrappingHook):
     """Wraps a hook: time spent in it, calls, and the uncompressed bytes of what it was asked to move."""
 
     def __init__(self, inner: CommHook, world: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.world = world
         self.timer = Timer()
         self.raw_bytes = 0
@@ -100,18 +100,6 @@ class MeteredHook(CommHook):
     def __call__(self, call: CollectiveCall) -> torch.Tensor:
         self.raw_bytes += ring_bytes(call, self.world)
         return self.call(call)
-
-    def begin_request(self) -> None:
-        self.inner.begin_request()
-
-    def next_step(self) -> None:
-        self.inner.next_step()
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def stats(self) -> dict[str, Any]:
-        return self.inner.stats()
 
 
 def compact_of(hook: CommHook) -> Optional[ch.CompactHook]:

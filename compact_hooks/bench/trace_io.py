@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from compact_hooks.hook import CollectiveCall, CommHook
+from compact_hooks.hook import CollectiveCall, CommHook, WrappingHook
 
 FORMAT = "compact-hooks-trace/1"
 MANIFEST = "manifest.json"
@@ -35,7 +35,7 @@ def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file(tensors, str(path))
 
 
-class TraceRecorder(CommHook):
+class TraceRecorder(WrappingHook):
     """A hook that records ``call.tensor`` of the keys matching ``patterns`` (globs) and forwards every call.
 
     Each step's tensors go to ``out/rank<r>/r<request>_s<step>.safetensors`` when the step ends; at most
@@ -47,7 +47,7 @@ class TraceRecorder(CommHook):
                  max_steps: Optional[int] = None) -> None:
         if not patterns:
             raise ValueError("TraceRecorder needs at least one key pattern, e.g. ['*attn:k'] or ['*']")
-        self.inner = inner
+        super().__init__(inner)
         self.out = Path(out)
         self.patterns = tuple(patterns)
         self.rank = rank
@@ -106,12 +106,6 @@ class TraceRecorder(CommHook):
         self._flush()
         self.step += 1
         self.inner.next_step()
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def stats(self) -> dict[str, Any]:
-        return self.inner.stats()
 
     def close(self) -> dict[str, Any]:
         """Write what is pending; return this rank's part of the manifest."""

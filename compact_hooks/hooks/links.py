@@ -72,6 +72,10 @@ class LinkAwareHook(CommHook):
         self._step_links = {c: LinkStats() for c in LINK_CLASSES}
         self.per_step: deque[dict[str, Any]] = deque(maxlen=MAX_STEPS)
 
+    @property
+    def timeout_s(self) -> Optional[float]:  # type: ignore[override]
+        return self.compressed.timeout_s
+
     def route(self, call: CollectiveCall) -> tuple[str, CommHook]:
         """``(link class, hook)`` that ``call`` goes to."""
         link = self.topology.link_class(call.group)

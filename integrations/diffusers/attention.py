@@ -96,13 +96,7 @@ class AttentionComm:
     def timeout_s(self) -> Optional[float]:
         """The hook's ``timeout_s``: the integration's own collectives (input checks, the output
         gather) wait no longer for a peer than the hook's do."""
-        hook = self.hook
-        while hook is not None:  # a wrapping hook (metering, tracing) holds the real one as ``inner``
-            timeout = getattr(hook, "timeout_s", None)
-            if timeout is not None:
-                return timeout
-            hook = getattr(hook, "inner", None)
-        return None
+        return getattr(self.hook, "timeout_s", None)  # wrapping hooks forward their inner hook's
 
 
 def local_attention(
