@@ -30,10 +30,6 @@ ResidualMode = Literal["none", "delta", "ef", "ef2"]
 LinkClass = Literal["intra_host", "inter_host"]
 
 
-def _as_list(value: Any) -> Any:
-    return [value] if isinstance(value, str) else value
-
-
 class _Block(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -47,7 +43,10 @@ class RuleMatch(_Block):
     link: Optional[list[LinkClass]] = None
     group_size: Optional[list[int]] = None
 
-    _lists = field_validator("key", "role", "op", "link", mode="before")(classmethod(lambda cls, v: _as_list(v)))
+    @field_validator("key", "role", "op", "link", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @field_validator("group_size", mode="before")
     @classmethod

@@ -127,7 +127,7 @@ class Channel:
             else:
                 residual = x.float() - self._predict()
             if self.compressor.wants_activation_norm:
-                self.codec_state["activation_norm"] = torch.linalg.vector_norm(x.float())
+                self.codec_state["activation_norm"] = torch.linalg.vector_norm(x, dtype=torch.float32)
             clean, flag = _clean(residual, owned=True)
             payload = self.compressor.encode(clean, self.codec_state)
             recon = self._update(self.compressor.decode(payload, clean.shape, clean.dtype), x.dtype)
@@ -383,9 +383,9 @@ class Session:
         return ch
 
     @property
-    def full_fingerprint(self) -> int:
-        """The fingerprint in the header of a full send (the warm-up codec's, if one is set)."""
-        return (self.warmup_compressor or self.compressor).fingerprint
+    def full_codec(self) -> Compressor:
+        """The codec whose fingerprint heads a full send (the warm-up codec, if one is set)."""
+        return self.warmup_compressor or self.compressor
 
     def is_lossless(self, dtype: torch.dtype) -> bool:
         return self.compressor.is_lossless(dtype)

@@ -205,11 +205,9 @@ def test_rank_paused_shorter_then_longer_than_timeout(hosts: netns.Hosts) -> Non
            detected_after_s=round(detected, 2), job_ended_after_s=round(time.time() - stop, 1))
 
 
-def test_rank_paused_between_steps_longer_than_timeout(hosts: netns.Hosts) -> None:
-    """(c) rank 1 stops (SIGSTOP) between two steps, before its transformer forward: rank 0 waits in
-    parallelize's input-checksum all_gather. It must fail within timeout_s like any other wait."""
-    job = FaultJob(hosts, "pause-step", "--requests", "4", "--timeout-s", str(TIMEOUT_S), "--stop-rank", "1",
-                   "--stop-at-request", "2", "--stop-where", "step")
+def stopped_for_good(job: FaultJob, what: str) -> None:
+    """Rank 1 of ``job`` stops itself and is not resumed: rank 0 must fail within timeout_s and the
+    job must exit."""
     pid: Optional[int] = None
     try:
         job.wait_until("rank 1 stopped itself", lambda: bool(job.events(1, "stopping")), START_S)
@@ -219,21 +217,19 @@ def test_rank_paused_between_steps_longer_than_timeout(hosts: netns.Hosts) -> No
         if pid is not None:
             faults.resume(pid)
         job.kill()
-    check_timed_out(job, rc, job.events(1, "stopping")[0]["t"], "rank 1 stopped between steps", survivors=(0,))
+    check_timed_out(job, rc, job.events(1, "stopping")[0]["t"], what, survivors=(0,))
+
+
+def test_rank_paused_between_steps_longer_than_timeout(hosts: netns.Hosts) -> None:
+    """(c) rank 1 stops (SIGSTOP) between two steps, before its transformer forward: rank 0 waits in
+    parallelize's input-checksum all_gather. It must fail within timeout_s like any other wait."""
+    stopped_for_good(FaultJob(hosts, "pause-step", "--requests", "4", "--timeout-s", str(TIMEOUT_S), "--stop-rank",
+                              "1", "--stop-at-request", "2", "--stop-where", "step"), "rank 1 stopped between steps")
 
 
 def test_rank_paused_job_exits_when_mpi_shared_the_address(hosts: netns.Hosts) -> None:
     """(c) as the long pause above, with the master address shared over MPI (the default of
     ``init_distributed`` under mpirun when MASTER_ADDR is not set): the job must still exit."""
-    job = FaultJob(hosts, "pause-mpi", "--requests", "4", "--timeout-s", str(TIMEOUT_S), "--stop-rank", "1",
-                   "--stop-at-request", "2", "--stop-where", "collective", mpi_discovery=True)
-    pid: Optional[int] = None
-    try:
-        job.wait_until("rank 1 stopped itself", lambda: bool(job.events(1, "stopping")), START_S)
-        pid = job.pid(1)
-        rc = job.finish(TIMEOUT_S + SLACK_S + TEARDOWN_S)
-    finally:
-        if pid is not None:
-            faults.resume(pid)
-        job.kill()
-    check_timed_out(job, rc, job.events(1, "stopping")[0]["t"], "rank 1 stopped", survivors=(0,))
+    stopped_for_good(FaultJob(hosts, "pause-mpi", "--requests", "4", "--timeout-s", str(TIMEOUT_S), "--stop-rank",
+                              "1", "--stop-at-request", "2", "--stop-where", "collective", mpi_discovery=True),
+                     "rank 1 stopped")

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..registry import build_compressor, register_compressor
-from ..wire import HEADER_NBYTES, PayloadKind
+from ..wire import HEADER_NBYTES, PayloadKind, as_bytes
 from .base import Compressor, check_float
 
 LEVEL_BYTE = 6
@@ -86,7 +86,7 @@ class AdaptiveCompressor(Compressor):
         header[LEVEL_BYTE] = level
         if level == 0:
             return header
-        return torch.cat([header, self.levels[level - 1].encode(x, state)[HEADER_NBYTES:]])
+        return torch.cat([header, *(as_bytes(f) for f in self.levels[level - 1].encode_body(x, state))])
 
     def encode_body(self, x: torch.Tensor, state: dict[str, Any] | None) -> list[torch.Tensor]:  # pragma: no cover
         raise NotImplementedError("AdaptiveCompressor writes its own header: use encode()")
