@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import socket
 import sys
 import tempfile
@@ -17,10 +18,35 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of ports handed out by ``bind(0)`` and outgoing connections."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(attempts: int = 200) -> int:
+    """A TCP port free on 127.0.0.1, drawn at random from *below* the ephemeral range.
+
+    ``bind(0)`` returns an ephemeral port, which the kernel may hand to any outgoing connection (gloo
+    opens many) between this call and the launcher's own bind: an ``EADDRINUSE`` race. A port outside
+    that range is only taken by someone who names it, and a random draw makes two pickers unlikely to
+    collide.
+    """
+    low, _ = _ephemeral_range()
+    candidates = range(max(1024, low - 12000), max(1025, low - 1))
+    rng = random.SystemRandom()
+    for _ in range(attempts):
+        port = rng.choice(candidates)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port in {candidates.start}-{candidates.stop - 1} after {attempts} tries")
 
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple, out_dir: str) -> None:

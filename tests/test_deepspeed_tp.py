@@ -13,13 +13,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from compact_hooks.launcher.local import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TP_CONFIG = ROOT / "examples" / "configs" / "tp_int8.json"
@@ -35,16 +35,10 @@ ATOL = 1e-5
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(nprocs: int, out: Path, timeout: int = TIMEOUT_S) -> dict[str, Any]:
     """Run this file under ``deepspeed --num_gpus nprocs`` on CPU; return the gathered JSON."""
     exe = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(exe), "--num_gpus", str(nprocs), "--master_port", str(_free_port()), str(Path(__file__).resolve()),
+    cmd = [str(exe), "--num_gpus", str(nprocs), "--master_port", str(free_port()), str(Path(__file__).resolve()),
            str(out)]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from compact_hooks.launcher.local import free_port
 
 WORLD = 2
 TIMEOUT_S = 240
@@ -28,16 +28,10 @@ STEPS = 10
 # ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(script: Path, nprocs: int, out: Path, timeout: int = TIMEOUT_S) -> dict[str, Any]:
     """Run ``script OUT`` under ``deepspeed --num_gpus nprocs`` on CPU; return rank 0's JSON."""
     exe = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(exe), "--num_gpus", str(nprocs), "--master_port", str(_free_port()), str(script), str(out)]
+    cmd = [str(exe), "--num_gpus", str(nprocs), "--master_port", str(free_port()), str(script), str(out)]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                           cwd=Path(__file__).resolve().parents[1])
