@@ -10,6 +10,7 @@ Quick start::
 
 from .compressors.base import Compressor
 from .config import CompactConfig, load_config, strip_config
+from .distributed import init_distributed
 from .errors import CollectiveTimeoutError, CompactHooksError, ConfigError, ProtocolError
 from .hook import CollectiveCall, CommHook, WrappingHook
 from .hooks import CastHook, CompactHook, LinkAwareHook, PassthroughHook, StaleHook, build_hook
@@ -42,6 +43,7 @@ __all__ = [
     "available_compressors",
     "build_compressor",
     "build_hook",
+    "init_distributed",
     "load_config",
     "register_compressor",
     "strip_config",

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from compact_hooks.integrations import deepspeed as chds
 
 import compact_hooks as ch
+from compact_hooks.distributed import set_rank_threads
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "tp_int8.json"
 
@@ -103,6 +104,8 @@ def run(args: argparse.Namespace) -> None:
 
     chds.init_distributed()
     accel = get_accelerator()
+    if accel.device_name() == "cpu":  # the deepspeed launcher leaves OMP_NUM_THREADS unset: one thread per core each
+        set_rank_threads(announce=True)
     if accel.device_name() != "cpu":
         accel.set_device(args.local_rank)
     device = torch.device(accel.current_device_name())

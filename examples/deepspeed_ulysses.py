@@ -24,6 +24,7 @@ from compact_hooks.integrations import deepspeed as chds
 from torch import nn
 
 import compact_hooks as ch
+from compact_hooks.distributed import set_rank_threads
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "ulysses_int2.json"
 
@@ -92,6 +93,8 @@ def run(args: argparse.Namespace) -> None:
 
     chds.init_distributed()
     accel = get_accelerator()
+    if accel.device_name() == "cpu":  # the deepspeed launcher leaves OMP_NUM_THREADS unset: one thread per core each
+        set_rank_threads(announce=True)
     if accel.device_name() != "cpu":
         accel.set_device(args.local_rank)
     device, dtype = torch.device(accel.current_device_name()), getattr(torch, args.dtype)

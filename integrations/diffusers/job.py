@@ -1,9 +1,12 @@
 """``compact-hooks run``: sequence-parallel diffusers inference with a compact-hooks CommHook.
 
-Launched on N ranks by ``deepspeed --num_gpus N``, ``torchrun --nproc-per-node N`` or ``mpirun -n N``
-(or run as one process)::
+Launched on N ranks by ``torchrun --nproc-per-node N``, ``deepspeed --num_gpus N``, ``mpirun -np N`` or
+``srun -n N`` (ranks found by ``compact_hooks.init_distributed``); started without a launcher it refuses
+and prints those command lines, unless ``--single-process`` (one rank, nothing parallel)::
 
-    compact-hooks run --config examples/configs/diffusers_ulysses_int2.json --out out
+    torchrun --nproc-per-node 2 -m compact_hooks.integrations.diffusers.job \\
+        --config examples/configs/diffusers_ulysses_int2.json --out out
+    mpirun -np 2 compact-hooks run --config examples/configs/diffusers_ulysses_int2.json --out out
 
 Without ``--model`` (or with ``--model trained``) it loads the embedded trained FLUX-architecture digits
 model (``trained``: the prompt is class labels, default ``"0 1 ... 9"``, one image each; rank 0 also writes
@@ -29,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", "SLURM_PROCID")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 EMBEDDED_DEFAULTS = {"steps": 20, "height": 128, "width": 128, "guidance_scale": 3.5}
@@ -73,6 +76,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--trace-keys", help="comma-separated key globs to record (default: the config's "
                                         "\"trace\": {\"keys\": [...]}, else all)")
     p.add_argument("--trace-steps", type=int, help="record only the first N steps")
+    p.add_argument("--single-process", action="store_true",
+                   help="run without a launcher on this one process (nothing is parallel; a smoke test)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(handler=main)
     return p
@@ -81,28 +86,35 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 # ---- setup -------------------------------------------------------------------------------------
 
 
-def init_distributed() -> tuple[int, int, int, bool]:
-    """``(rank, world_size, local_rank, initialised_here)``; a process started without a launcher runs
-    alone, and an already initialised torch.distributed is used as it is."""
-    import torch
+NOT_LAUNCHED = """compact-hooks run: this process was started without a launcher, so nothing would run in parallel
+(one rank: no collective to compress, 0 bytes on the wire). Start one process per rank, e.g. on 2 ranks:
+
+    torchrun --nproc-per-node 2 -m compact_hooks.integrations.diffusers.job {args}
+    deepspeed --num_gpus 2 --module compact_hooks.integrations.diffusers.job {args}
+    mpirun -np 2 compact-hooks run {args}
+    srun -n 2 compact-hooks run {args}
+
+(or `compact-hooks launch`, docs/multinode.md). To run the pipeline on this one process anyway
+(a smoke test of the config and model), add --single-process."""
+
+
+def init_distributed(args: argparse.Namespace) -> tuple[int, int, int, bool]:
+    """``(rank, world_size, local_rank, initialised_here)`` from :func:`compact_hooks.init_distributed`
+    (torchrun, deepspeed, mpirun, Slurm); an already initialised torch.distributed is used as it is.
+    Without a launcher: ``SystemExit`` saying how to launch, unless ``--single-process``."""
     import torch.distributed as dist
+
+    import compact_hooks as ch
 
     owned = False
     if not dist.is_initialized():
         if not any(v in os.environ for v in LAUNCHER_VARS):
+            if not getattr(args, "single_process", False):
+                shown = " ".join(a for a in sys.argv[1:] if a != "run") or f"--config {args.config}"
+                raise SystemExit(NOT_LAUNCHED.format(args=shown))
             return 0, 1, 0, False
         owned = True
-        try:
-            from compact_hooks.launcher.mpi import init_distributed as mpi_init
-        except ImportError:
-            mpi_init = None
-        if mpi_init is not None:
-            mpi_init()
-        else:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-            dist.init_process_group(backend, init_method="env://")
+        ch.init_distributed()
     local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     return dist.get_rank(), dist.get_world_size(), local, owned
 
@@ -326,7 +338,7 @@ def main(args: argparse.Namespace) -> int:
     from compact_hooks.stats import write_json
 
     cfg = ch.load_config(args.config)
-    rank, world, local_rank, owned = init_distributed()
+    rank, world, local_rank, owned = init_distributed(args)
     try:
         device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}") if torch.cuda.is_available() \
             else torch.device("cpu")

@@ -1,0 +1,117 @@
+"""What a new user meets in the first hour: ``compact_hooks.init_distributed()`` under mpirun and Slurm,
+per-rank CPU threads, ``compact-hooks run`` without a launcher, misspelt config blocks, the uncompressed
+baseline's byte counts, ``bench quality`` / ``run`` on a model directory of one's own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import compact_hooks as ch
+from compact_hooks.distributed import rank_threads, set_rank_threads
+from compact_hooks.launcher.netns import mpirun_path
+from tests.distributed import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "first_hour_worker.py"
+MARK = "@@RESULT "
+LAUNCHER_PREFIXES = ("OMPI_", "PMI_", "PMIX_", "SLURM_", "MPI_LOCAL")
+LAUNCHER_NAMES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                  "OMP_NUM_THREADS", "TORCHELASTIC_RUN_ID", "CROSS_RANK")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any launcher's variables (and without OMP_NUM_THREADS), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES) and k not in LAUNCHER_NAMES}
+    return {**env, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", **extra}
+
+
+def result_of(out: str) -> dict:
+    lines = [line for line in out.splitlines() if line.startswith(MARK)]
+    assert len(lines) == 1, out[-3000:]
+    return json.loads(lines[0][len(MARK):])
+
+
+def check_quickstart(res: dict) -> None:
+    assert res["world_size"] == 2
+    assert sorted(r["rank"] for r in res["ranks"]) == [0, 1]
+    assert sorted(r["local_rank"] for r in res["ranks"]) == [0, 1]
+    assert res["wire_bytes"] < res["raw_bytes"] / 2  # int2 residuals after the warm-up step
+    assert max(res["rel_errors"]) < 0.05
+
+
+# -- init_distributed ---------------------------------------------------------------------------------------------
+
+
+def test_init_distributed_is_exported_at_top_level():
+    assert "init_distributed" in ch.__all__ and callable(ch.init_distributed)
+
+
+def test_init_distributed_under_mpirun():
+    """mpirun sets only OMPI_COMM_WORLD_*: the address and port travel from rank 0 over MPI."""
+    env = clean_env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run([mpirun_path(), "--oversubscribe", "--bind-to", "none", "-np", "2", sys.executable,
+                           str(WORKER)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = result_of(proc.stdout)
+    check_quickstart(res)
+    # OMP_NUM_THREADS unset: each of the 2 ranks on this host gets cores // 2 threads
+    assert all(r["omp"] is None and r["threads"] == rank_threads(2) for r in res["ranks"])
+
+
+def test_init_distributed_from_slurm_variables():
+    """Two processes started with srun's variables set by hand (no other launcher's)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(2):
+        env = clean_env(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_NODEID="0",
+                        SLURM_TASKS_PER_NODE="2", SLURM_STEP_NODELIST="localhost", SLURM_JOB_NODELIST="localhost",
+                        SLURM_JOB_ID="77", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(WORKER)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o + e for o, e in outs)[-4000:]
+    res = result_of(outs[0][0])
+    check_quickstart(res)
+    assert all(r["omp"] == "1" and r["threads"] == 1 for r in res["ranks"])  # a set variable rules
+
+
+def test_init_distributed_without_a_launcher_says_how_to_launch():
+    code = "import compact_hooks as ch; ch.init_distributed()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "RankDiscoveryError" in proc.stderr and "mpirun" in proc.stderr and "torchrun" in proc.stderr
+
+
+def test_rank_threads_split_the_cores():
+    assert rank_threads(2, cores=16) == 8 and rank_threads(3, cores=16) == 5 and rank_threads(32, cores=16) == 1
+    with pytest.raises(ValueError, match="local_size"):
+        rank_threads(0, cores=4)
+    before = torch.get_num_threads()
+    try:
+        assert set_rank_threads(2, environ={"OMP_NUM_THREADS": "3"}) is None
+        assert torch.get_num_threads() == before
+        assert set_rank_threads(environ={"LOCAL_WORLD_SIZE": "64"}) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- compact-hooks run on one process -----------------------------------------------------------------------------
+
+
+def test_run_without_a_launcher_refuses_and_says_how_to_launch(tmp_path):
+    config = ROOT / "examples" / "configs" / "diffusers_ulysses_int2.json"
+    proc = subprocess.run([sys.executable, "-m", "compact_hooks.cli", "run", "--config", str(config), "--out",
+                           str(tmp_path)], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    for launcher in ("torchrun --nproc-per-node 2", "deepspeed --num_gpus 2", "mpirun -np 2", "--single-process"):
+        assert launcher in proc.stderr, proc.stderr[-2000:]
+    assert "nothing would run in parallel" in proc.stderr
+    assert not (tmp_path / "stats.json").exists()
