@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from compact_hooks.cli_diffusers import DTYPES, add_run_parser
+
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS", "SLURM_PROCID")
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
 EMBEDDED_DEFAULTS = {"steps": 20, "height": 128, "width": 128, "guidance_scale": 3.5}
 TRAINED_DEFAULTS = {"steps": 20, "height": 16, "width": 16}
 TRAINED_PROMPT = "0 1 2 3 4 5 6 7 8 9"
@@ -50,35 +50,8 @@ def usp_degrees(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``run`` on the ``compact-hooks`` command's subparsers."""
-    p = subparsers.add_parser(
-        "run", help="sequence-parallel diffusers inference with compressed collectives",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="JSON config with a \"compact_hooks\" block")
-    p.add_argument("--model", help="trained (default: the embedded digits model), random (random-weight FLUX, "
-                                    "for timing) or a local diffusers pipeline directory")
-    p.add_argument("--prompt-embeds", help="torch/safetensors file of pipeline kwargs "
-                                            "(prompt_embeds, pooled_prompt_embeds, ...)")
-    p.add_argument("--prompt", help="text prompt (a --model with text encoders)")
-    p.add_argument("--steps", type=int, help="denoising steps (embedded model: 20; --model: the pipeline's default)")
-    p.add_argument("--height", type=int, help="image height in pixels (embedded: 128; --model: the pipeline's)")
-    p.add_argument("--width", type=int, help="image width in pixels (embedded: 128; --model: the pipeline's)")
-    p.add_argument("--guidance-scale", type=float, help="(embedded: 3.5; --model: the pipeline's default)")
-    p.add_argument("--out", default="out", help="output directory (rank 0 writes it)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--mode", choices=("ulysses", "allgather", "ring", "usp"), default="ulysses",
-                   help="usp: Ulysses inside each host, ring across hosts (degrees from the host layout by default)")
-    p.add_argument("--ulysses-degree", type=int, help="--mode usp: ranks per Ulysses group")
-    p.add_argument("--ring-degree", type=int, help="--mode usp: Ulysses groups in the ring")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--no-reference", action="store_true", help="skip the uncompressed reference run")
-    p.add_argument("--record-trace", metavar="DIR", help="record the hook's tensors per step to DIR")
-    p.add_argument("--trace-keys", help="comma-separated key globs to record (default: the config's "
-                                        "\"trace\": {\"keys\": [...]}, else all)")
-    p.add_argument("--trace-steps", type=int, help="record only the first N steps")
-    p.add_argument("--single-process", action="store_true",
-                   help="run without a launcher on this one process (nothing is parallel; a smoke test)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    """Register ``run`` (its flags: ``compact_hooks.cli_diffusers.add_run_parser``) with this module's ``main``."""
+    p = add_run_parser(subparsers)
     p.set_defaults(handler=main)
     return p
 
