@@ -12,10 +12,14 @@ data in two places, both through the module name ``dist`` of their own module:
 
 :class:`YunchangHooks` replaces ``dist`` in those two modules by a stand-in whose
 ``all_to_all_single`` and ``batch_isend_irecv`` go through the hook (everything else is
-torch.distributed itself), for the duration of a ``with`` block or until :meth:`remove`. yunchang's
-own layout code, ring loop and softmax merging run unchanged. :meth:`attach` keys the calls of one
-attention module: ``"<key>:q|k|v|o"`` (packed: ``":qkv"``, ``":o"``) and ``"<key>:ring_k.hopN"`` /
-``":ring_v.hopN"``; calls outside an attached module get ``key=None`` (the hook's per-step counter).
+torch.distributed itself), from the first ``with`` block until the outermost one is left (blocks
+nest and may be entered from several threads) or until :meth:`remove`. yunchang's own layout code,
+ring loop and softmax merging run unchanged. :meth:`attach` keys the calls of one attention module,
+independently of the ``with`` blocks (until :meth:`detach`): ``"<key>:q|k|v|o"`` (packed:
+``":qkv"``, ``":o"``) and ``"<key>:ring_k.hopN"`` / ``":ring_v.hopN"``; calls outside an attached
+module get ``key=None`` (the hook's per-step counter). The key in force is the calling thread's.
+Because the ``dist`` name is process-wide, one instance routes yunchang at a time: entering a second
+while the first is routed raises ``RuntimeError`` and changes nothing.
 
 Not routed (documented gaps): ``AsyncLongContextAttention`` (its all-to-alls run on CUDA streams in
 ``yunchang.hybrid.async_attn_layer``, one per head group, with async handles) and the backward
@@ -35,6 +39,8 @@ calls ``aten::_scaled_dot_product_flash_attention``, which torch implements for 
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -95,13 +101,33 @@ class _HookedDist:
     def all_to_all_single(self, output: torch.Tensor, input: torch.Tensor, output_split_sizes: Any = None,
                           input_split_sizes: Any = None, group: Any = None, async_op: bool = False) -> Any:
         if output_split_sizes is not None or input_split_sizes is not None or async_op:
-            self._owner.unrouted += 1
+            self._owner._count_unrouted()
             return dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group, async_op)
         output.copy_(self._owner._all_to_all(input, group).view_as(output))
         return None
 
     def batch_isend_irecv(self, p2p_op_list: list) -> list:
         return self._owner._ring(p2p_op_list)
+
+
+class _Keyed:
+    """The ``forward`` of an attached module: opens a site under each attaching instance's key (held
+    weakly, so a dropped instance lets go), then runs the module's own forward."""
+
+    def __init__(self, original: Any, had_own: bool) -> None:
+        self.original = original
+        self.had_own = had_own
+        self.lock = threading.Lock()
+        self.keys: "weakref.WeakKeyDictionary[YunchangHooks, tuple[str, tuple[str, ...]]]" = \
+            weakref.WeakKeyDictionary()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            owners = list(self.keys.items())
+        with contextlib.ExitStack() as sites:
+            for owner, (key, names) in owners:
+                sites.enter_context(owner._site_open(_Site(key, names)))
+            return self.original(*args, **kwargs)
 
 
 def _peer(op: Any) -> Optional[int]:
@@ -113,69 +139,143 @@ def _peer(op: Any) -> Optional[int]:
 
 
 class YunchangHooks:
-    """yunchang's all-to-alls and ring P2P through ``hook`` while installed (see the module docstring)."""
+    """yunchang's all-to-alls and ring P2P through ``hook`` while routed (see the module docstring).
+
+    Routing and keys are separate: ``with`` blocks (re-entrant, from any thread) route yunchang
+    through the hook until the outermost one is left; :meth:`attach` keys a module's calls until
+    :meth:`detach` or :meth:`remove`, across any number of ``with`` blocks. The key of a call is the
+    calling thread's, so threads may forward through one instance at once. Only one instance can
+    route yunchang at a time (its module ``dist`` is process-wide): entering a second raises.
+    """
 
     def __init__(self, hook: Optional[CommHook] = None) -> None:
         self.hook = hook if hook is not None else PassthroughHook()
         self.unrouted = 0  # collectives that took torch.distributed unchanged
-        self._site: Optional[_Site] = None
-        self._saved: list[tuple[Any, Any]] = []
-        self._forwards: list[tuple[nn.Module, Any]] = []
+        self._lock = threading.Lock()  # the routing state and the counter below
+        self._depth = 0  # open with blocks, all threads together
+        self._saved: list[tuple[Any, Any]] = []  # (yunchang module, its dist) while routed
+        self._local = threading.local()  # .sites: this thread's open attention calls, innermost last
+        self._attached: dict[int, nn.Module] = {}
 
-    # -- installation ----------------------------------------------------------------------------
+    # -- routing ---------------------------------------------------------------------------------
 
     def install(self) -> "YunchangHooks":
-        if self._saved:
-            return self
-        proxy = _HookedDist(self)
-        for module in _yunchang_modules():
-            if isinstance(module.dist, _HookedDist):
-                raise RuntimeError(f"{module.__name__} is already routed through a hook; remove() the first "
-                                   f"YunchangHooks before installing another")
-            self._saved.append((module, module.dist))
-            module.dist = proxy
+        """Route yunchang's collectives through the hook until :meth:`remove` or the end of the
+        outermost ``with`` (idempotent)."""
+        with self._lock:
+            self._route()
         return self
 
-    def attach(self, attention: nn.Module, key: str) -> nn.Module:
-        """Key the collectives of ``attention`` (a yunchang attention module) by ``key``; returns it."""
-        packed = type(attention).__name__.endswith("QKVPacked") or bool(getattr(attention, "use_pack_qkv", False))
-        names = PACKED_NAMES if packed else CALL_NAMES
-        had_own = "forward" in vars(attention)
-        original = attention.forward
+    def _route(self) -> None:
+        if self._saved:
+            return
+        modules = _yunchang_modules()
+        for module in modules:
+            if isinstance(module.dist, _HookedDist):
+                raise RuntimeError(
+                    f"{module.__name__} is already routed through another YunchangHooks: yunchang's "
+                    f"dist is process-wide, so only one instance can route it at a time. Use one "
+                    f"instance for every attention module (attach() each to it, any thread may enter "
+                    f"its with), or leave the other instance's with block (or call its remove()) first")
+        proxy = _HookedDist(self)  # made per routing: an unrouted instance holds no cycle to itself
+        for module in modules:
+            self._saved.append((module, module.dist))
+            module.dist = proxy
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            outer, self._site = self._site, _Site(key, names)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._site = outer
-
-        attention.forward = forward  # type: ignore[method-assign]
-        self._forwards.append((attention, original if had_own else None))
-        return attention
-
-    def remove(self) -> None:
-        """Put torch.distributed back into yunchang's modules and restore attached forwards (idempotent)."""
+    def _unroute(self) -> None:
         for module, original in reversed(self._saved):
-            module.dist = original
+            if isinstance(module.dist, _HookedDist) and module.dist._owner is self:
+                module.dist = original
         self._saved = []
-        for attention, original in reversed(self._forwards):
-            if original is None:
-                vars(attention).pop("forward", None)
-            else:
-                attention.forward = original  # type: ignore[method-assign]
-        self._forwards = []
+
+    @property
+    def routed(self) -> bool:
+        """Whether yunchang's collectives go through this instance's hook now."""
+        return bool(self._saved)
 
     def __enter__(self) -> "YunchangHooks":
-        return self.install()
+        with self._lock:
+            self._route()
+            self._depth += 1
+        return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.remove()
+        with self._lock:
+            self._depth = max(0, self._depth - 1)
+            if self._depth == 0:
+                self._unroute()
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    def attach(self, attention: nn.Module, key: str) -> nn.Module:
+        """Key the collectives of ``attention`` (a yunchang attention module) by ``key`` until
+        :meth:`detach` (attaching it again changes the key); returns it."""
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"attach() needs a non-empty str key such as 'blocks.0.attn'; got {key!r}")
+        packed = type(attention).__name__.endswith("QKVPacked") or bool(getattr(attention, "use_pack_qkv", False))
+        keyed = vars(attention).get("forward")
+        if not isinstance(keyed, _Keyed):
+            keyed = _Keyed(attention.forward, "forward" in vars(attention))
+            attention.forward = keyed  # type: ignore[method-assign]
+        with keyed.lock:
+            keyed.keys[self] = (key, PACKED_NAMES if packed else CALL_NAMES)
+        self._attached[id(attention)] = attention
+        return attention
+
+    def detach(self, attention: Optional[nn.Module] = None) -> None:
+        """Stop keying ``attention`` (every attached module if ``None``); a module no instance keys
+        gets its own forward back. Routing is unchanged."""
+        targets = list(self._attached.values()) if attention is None else [attention]
+        for module in targets:
+            self._attached.pop(id(module), None)
+            keyed = vars(module).get("forward")
+            if not isinstance(keyed, _Keyed):
+                continue
+            with keyed.lock:
+                keyed.keys.pop(self, None)
+                if len(keyed.keys):
+                    continue
+            if keyed.had_own:
+                module.forward = keyed.original  # type: ignore[method-assign]
+            else:
+                vars(module).pop("forward", None)
+
+    def remove(self) -> None:
+        """Put torch.distributed back into yunchang's modules (whatever ``with`` blocks are open) and
+        detach every attached module (idempotent)."""
+        with self._lock:
+            self._depth = 0
+            self._unroute()
+        self.detach()
+
+    @contextlib.contextmanager
+    def _site_open(self, site: _Site) -> Iterator[None]:
+        sites = self._sites()
+        sites.append(site)
+        try:
+            yield
+        finally:
+            sites.pop()
+
+    def _sites(self) -> list[_Site]:
+        sites = getattr(self._local, "sites", None)
+        if sites is None:
+            sites = self._local.sites = []
+        return sites
+
+    def _count_unrouted(self) -> None:
+        with self._lock:
+            self.unrouted += 1
 
     # -- the routed collectives ------------------------------------------------------------------
 
+    def _site(self) -> Optional[_Site]:
+        """The calling thread's innermost attached call, if any."""
+        sites = self._sites()
+        return sites[-1] if sites else None
+
     def _key(self, name_of: Any) -> Optional[str]:
-        site = self._site
+        site = self._site()
         return None if site is None else f"{site.key}:{name_of(site)}"
 
     def _all_to_all(self, tensor: torch.Tensor, group: Any) -> torch.Tensor:
@@ -206,10 +306,10 @@ class YunchangHooks:
     def _ring(self, ops: list) -> list:
         pairs = self._ring_pairs(ops)
         if pairs is None:
-            self.unrouted += 1
+            self._count_unrouted()
             return dist.batch_isend_irecv(ops)
         names = RING_NAMES.get(len(pairs), tuple(f"ring{i}" for i in range(len(pairs))))
-        site = self._site
+        site = self._site()
         if site is not None:
             site.hops += 1
         for (send, recv), name in zip(pairs, names):
@@ -222,7 +322,7 @@ class YunchangHooks:
 def hook_yunchang(hook: Optional[CommHook] = None, attention: Optional[nn.Module] = None,
                   key: str = "attn") -> YunchangHooks:
     """Install a :class:`YunchangHooks` for ``hook`` (and attach ``attention`` under ``key``); use it as a
-    context manager or call ``remove()``."""
+    context manager (leaving it un-routes yunchang) or call ``remove()`` (also detaches)."""
     hooks = YunchangHooks(hook).install()
     if attention is not None:
         hooks.attach(attention, key)

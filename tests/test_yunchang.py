@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("yunchang")
 
 from tests.distributed import run_ranks  # noqa: E402
-from tests.yunchang_workers import yunchang_worker  # noqa: E402
+from tests.yunchang_workers import yunchang_lifecycle_worker, yunchang_worker  # noqa: E402
 
 LONG = ("long_basic_pytorch", "long_basic")
 
@@ -69,3 +69,55 @@ def test_int2_error_feedback_stays_bounded(fixture, layout, request):
         assert errors[-1] < 2.0 * errors[1], f"the error grows over the steps: {errors}"
         assert ef["ratio"] > 3.5
         assert all(k.startswith("blocks.0.attn:") for k in ef["keys"])
+
+
+@pytest.fixture(scope="module")
+def lifecycle():
+    return run_ranks(yunchang_lifecycle_worker, 2)
+
+
+ULYSSES_KEYS = [f"blocks.0.attn:{n}" for n in ("q", "k", "v", "o")]
+
+
+def test_inner_with_of_the_same_instance_keeps_the_outer_block_routed(lifecycle):
+    for res in lifecycle:
+        got = res["nesting"]
+        assert got["keys_inner"] == ULYSSES_KEYS
+        assert got["routed_after_inner"], "leaving the inner with un-routed yunchang inside the outer one"
+        assert got["n_outer"] == 4 and got["keys_outer"] == ULYSSES_KEYS, got["keys_outer"]
+        assert got["n_after"] == 0, "yunchang still routed after the outermost with"
+        assert got["restored"] and got["bitwise"]
+
+
+def test_a_reused_instance_keeps_its_keys_and_key_rules_across_requests(lifecycle):
+    for res in lifecycle:
+        got = res["reuse"]
+        # attach() once, a with per step: every request keeps the attention's keys, so the plain rule
+        # matches and the output is yunchang's own (a None key would get int2 from the second step on)
+        assert got["keys"] == [sorted(ULYSSES_KEYS)] * 2, got["keys"]
+        assert got["bitwise"] == [[True] * 3] * 2, got["bitwise"]
+
+
+@pytest.mark.parametrize("layout,names", [("2x1", ("q", "k", "v", "o")), ("1x2", ("ring_k.hop1", "ring_v.hop1"))])
+def test_two_threads_on_one_instance_keep_their_own_keys(lifecycle, layout, names):
+    for res in lifecycle:
+        got = res[f"threads_{layout}"]
+        assert got["restored"], "yunchang still routed after both threads left the with"
+        for t in ("t0", "t1"):
+            mine = got[t]
+            assert mine["error"] is None, mine["error"]
+            assert mine["keys"] == [f"{t}.attn:{n}" for n in names] * 3, (t, mine["keys"])
+            assert mine["own_group"] and mine["bitwise"]
+
+
+def test_a_second_instance_cannot_route_while_the_first_does_and_each_keeps_its_keys(lifecycle):
+    for res in lifecycle:
+        got = res["two_instances"]
+        assert got["error"] is not None and "already routed through another YunchangHooks" in got["error"]
+        assert got["routed_a"], "the refused second instance disturbed the first one's routing"
+        assert got["restored_after_a"] and got["restored"]
+        assert got["keys_a"] == [f"a.attn:{n}" for n in ("q", "k", "v", "o")]
+        assert got["keys_b"] == [f"b.attn:{n}" for n in ("q", "k", "v", "o")] * 2
+        assert got["keys_b_detached"] == ["None"] * 4 and got["own_forward"]
+        assert got["live_keys"] <= 1, "instances dropped after their with still key the module"
+        assert got["bitwise"]

@@ -118,3 +118,213 @@ def _ef_run(rank: int, world: int, hook_yunchang: Any, steps: int = 6) -> dict[s
         errors.append(float(err))
     stats = hook.stats()
     return {"errors": errors, "ratio": stats["compression_ratio"], "keys": sorted(stats["per_key"])}
+
+
+# -- lifecycle: nesting, reuse across requests, two threads, two instances ----------------------------
+
+
+class Lockstep(CommHook):
+    """Records (thread, key, group) per call and holds each call until the other thread makes its own
+    (a threading.Barrier), so two threads' forwards overlap at every collective."""
+
+    def __init__(self, inner: CommHook, parties: int = 2) -> None:
+        import threading
+
+        self.inner = inner
+        self.barrier = threading.Barrier(parties, timeout=60)
+        self.calls: list[tuple[str, str, Any]] = []
+
+    def __call__(self, call: CollectiveCall) -> torch.Tensor:
+        import threading
+
+        self.calls.append((threading.current_thread().name, str(call.key), call.group))
+        self.barrier.wait()
+        return self.inner(call)
+
+
+def _layer() -> Any:
+    from yunchang import LongContextAttention
+    from yunchang.kernels import AttnType
+
+    return LongContextAttention(ring_impl_type="basic_pytorch", attn_type=AttnType.TORCH_FLASH)
+
+
+def _routed_through(owner: Any) -> bool:
+    """Whether both of yunchang's comm modules call ``owner``'s hook (else torch.distributed itself)."""
+    import yunchang.comm.all_to_all as a2a
+    import yunchang.ring.utils as ring_utils
+
+    return all(getattr(getattr(m.dist, "_owner", None), "hook", None) is owner for m in (a2a, ring_utils))
+
+
+def _restored() -> bool:
+    import yunchang.comm.all_to_all as a2a
+    import yunchang.ring.utils as ring_utils
+
+    return a2a.dist is dist and ring_utils.dist is dist
+
+
+def _nesting(rank: int, world: int) -> dict[str, Any]:
+    """An inner ``with`` of the same instance, then the outer block's calls, then after both."""
+    from compact_hooks.integrations.yunchang import YunchangHooks
+
+    attn = _layer()
+    ql, kl, vl = (_shard(x, rank, world) for x in _inputs())
+    rec = Recorder(PassthroughHook())
+    hooks = YunchangHooks(rec)
+    hooks.attach(attn, "blocks.0.attn")
+    with torch.no_grad():
+        own = attn(ql, kl, vl)
+        with hooks:
+            with hooks:
+                inner = attn(ql, kl, vl)
+            n_inner = len(rec.calls)
+            routed_after_inner = _routed_through(rec)
+            outer = attn(ql, kl, vl)
+            n_outer = len(rec.calls) - n_inner
+        after = attn(ql, kl, vl)
+    return {"keys_inner": [c[1] for c in rec.calls[:n_inner]], "keys_outer": [c[1] for c in rec.calls[n_inner:]],
+            "n_outer": n_outer, "n_after": len(rec.calls) - n_inner - n_outer,
+            "routed_after_inner": routed_after_inner, "restored": _restored(),
+            "bitwise": all(torch.equal(own, y) for y in (inner, outer, after))}
+
+
+def _reuse(rank: int, world: int, requests: int = 2, steps: int = 3) -> dict[str, Any]:
+    """One instance attached once and entered per step over two requests; a key rule sends the
+    attention's calls plain (int2 with error feedback otherwise), so a matching key gives yunchang's
+    own output bit for bit."""
+    from compact_hooks.integrations.yunchang import YunchangHooks
+
+    attn = _layer()
+    hook = CompactHook({"compressor": "int2", "residual": "ef", "warmup_steps": 1,
+                        "rules": [{"match": {"key": "blocks.*.attn:*"}, "plain": True}]})
+    rec = Recorder(hook)
+    hooks = YunchangHooks(rec)
+    hooks.attach(attn, "blocks.0.attn")
+    out: dict[str, Any] = {"keys": [], "bitwise": []}
+    for _ in range(requests):
+        hook.begin_request()
+        keys, same = set(), []
+        for step in range(steps):
+            ql, kl, vl = (_shard(x, rank, world) for x in _inputs(step))
+            start = len(rec.calls)
+            with torch.no_grad():
+                own = attn(ql, kl, vl)
+                with hooks:
+                    y = attn(ql, kl, vl)
+            hook.next_step()
+            keys |= {c[1] for c in rec.calls[start:]}
+            same.append(bool(torch.equal(own, y)))
+        out["keys"].append(sorted(keys))
+        out["bitwise"].append(same)
+    return out
+
+
+def _threads(rank: int, world: int, u: int, r: int, forwards: int = 3) -> dict[str, Any]:
+    """Two threads, each with its own attention layer on its own process groups, forward through one
+    shared instance at the same time (each collective waits for the other thread's)."""
+    import threading
+
+    from compact_hooks.integrations.yunchang import YunchangHooks
+    from yunchang import set_seq_parallel_pg
+
+    layers = []
+    for _ in range(2):
+        set_seq_parallel_pg(u, r, rank, world)  # new groups each time
+        layers.append(_layer())
+    step = Lockstep(PassthroughHook())
+    hooks = YunchangHooks(step)
+    for t, attn in enumerate(layers):
+        hooks.attach(attn, f"t{t}.attn")
+    ql, kl, vl = (_shard(x, rank, world) for x in _inputs())
+    with torch.no_grad():
+        own = [attn(ql, kl, vl) for attn in layers]
+    got: dict[str, Any] = {}
+
+    def run(t: int) -> None:
+        try:
+            with torch.no_grad(), hooks:
+                got[f"t{t}"] = [layers[t](ql, kl, vl) for _ in range(forwards)]
+        except Exception as exc:  # reported to the test, which names it
+            got[f"t{t}"] = repr(exc)
+
+    threads = [threading.Thread(target=run, args=(t,), name=f"t{t}") for t in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    groups = [(a.ulysses_pg if u > 1 else a.ring_pg) for a in layers]
+    out: dict[str, Any] = {"restored": _restored()}
+    for t in range(2):
+        mine = [c for c in step.calls if c[0] == f"t{t}"]
+        out[f"t{t}"] = {
+            "error": got[f"t{t}"] if isinstance(got[f"t{t}"], str) else None,
+            "keys": [c[1] for c in mine], "own_group": all(c[2] is groups[t] for c in mine),
+            "bitwise": not isinstance(got[f"t{t}"], str) and all(torch.equal(own[t], y) for y in got[f"t{t}"]),
+        }
+    return out
+
+
+def _two_instances(rank: int, world: int) -> dict[str, Any]:
+    """Two instances keying one module: the second cannot route while the first does (a clear error,
+    nothing changed), each routes with its own key in turn, detach() hands the module back."""
+    import gc
+
+    from compact_hooks.integrations.yunchang import YunchangHooks, hook_yunchang
+
+    attn = _layer()
+    ql, kl, vl = (_shard(x, rank, world) for x in _inputs())
+    rec_a, rec_b = Recorder(PassthroughHook()), Recorder(PassthroughHook())
+    a, b = YunchangHooks(rec_a), YunchangHooks(rec_b)
+    a.attach(attn, "a.attn")
+    b.attach(attn, "b.attn")
+    ys = []
+    error = None
+    with torch.no_grad():
+        own = attn(ql, kl, vl)
+        with a:
+            try:
+                with b:
+                    pass
+            except RuntimeError as exc:
+                error = str(exc)
+            routed_a = _routed_through(rec_a) and not b.routed
+            ys.append(attn(ql, kl, vl))
+        restored_after_a = _restored()
+        with b:
+            ys.append(attn(ql, kl, vl))
+        a.detach(attn)
+        with b:
+            ys.append(attn(ql, kl, vl))  # b keeps its key after a let go
+        n_b = len(rec_b.calls)
+        b.detach(attn)
+        own_forward = "forward" not in vars(attn)
+        with b:
+            ys.append(attn(ql, kl, vl))  # routed, no key
+        for _ in range(3):  # the one-shot form per step: dropped instances let go of the module
+            with hook_yunchang(rec_b, attn, "blocks.0.attn"):
+                ys.append(attn(ql, kl, vl))
+        gc.collect()
+        live = len(vars(attn)["forward"].keys)
+    return {"error": error, "routed_a": routed_a, "restored_after_a": restored_after_a, "restored": _restored(),
+            "keys_a": [c[1] for c in rec_a.calls], "keys_b": [c[1] for c in rec_b.calls[:n_b]],
+            "keys_b_detached": [c[1] for c in rec_b.calls[n_b:n_b + 4]], "own_forward": own_forward,
+            "live_keys": live, "bitwise": all(torch.equal(own, y) for y in ys)}
+
+
+def yunchang_lifecycle_worker(rank: int, world: int) -> dict[str, Any]:
+    """Nesting, reuse over requests and two threads on one YunchangHooks; two instances (2 ranks)."""
+    torch.set_num_threads(1)
+    from compact_hooks.integrations.yunchang import cpu_flash_attention
+    from yunchang import set_seq_parallel_pg
+
+    out: dict[str, Any] = {}
+    with cpu_flash_attention():
+        set_seq_parallel_pg(2, 1, rank, world)
+        out["nesting"] = _nesting(rank, world)
+        out["reuse"] = _reuse(rank, world)
+        out["threads_2x1"] = _threads(rank, world, 2, 1)
+        out["threads_1x2"] = _threads(rank, world, 1, 2)
+        set_seq_parallel_pg(2, 1, rank, world)
+        out["two_instances"] = _two_instances(rank, world)
+    return out
