@@ -23,10 +23,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
-from .policy import Rule
+from .policy import Rule, feedback_problem
 from .registry import build_compressor
 
 BLOCK = "compact_hooks"
@@ -94,6 +94,22 @@ class CompactConfig(_Block):
         if len(set(value)) != len(value):
             raise ValueError(f"lists a collective twice: {list(value)}")
         return value
+
+    @model_validator(mode="after")
+    def _residual_fits_codecs(self) -> "CompactConfig":
+        """Codecs that need error feedback (``auto``) get it, at the top level and in every rule (whose
+        unset fields come from the top level)."""
+        problem = feedback_problem(self.compressor, self.residual)
+        if problem:
+            raise ConfigError("residual", problem)
+        for i, rule in enumerate(self.rules):
+            if rule.plain:
+                continue
+            compressor = rule.compressor if rule.compressor is not None else self.compressor
+            problem = feedback_problem(compressor, rule.residual or self.residual)
+            if problem:
+                raise ConfigError(f"rules[{i}].{'residual' if rule.residual is not None else 'compressor'}", problem)
+        return self
 
     def build_compressor(self):
         return build_compressor(self.compressor)

@@ -115,6 +115,21 @@ def matches(match: RuleMatch, site: CallSite) -> bool:
     return match.link is None or (site.link is not None and site.link in match.link)
 
 
+FEEDBACK_MODES = ("ef", "ef2")
+
+
+def feedback_problem(compressor: Any, residual: str) -> Optional[str]:
+    """Why the codec ``compressor`` (a spec) cannot run with residual mode ``residual``; ``None`` when it can."""
+    codec = build_compressor(compressor)
+    if not codec.needs_error_feedback or residual in FEEDBACK_MODES:
+        return None
+    effect = ("it would have no residual to size and always send its finest level" if residual == "none" else
+              "a change it skips would be lost for good, as delta has no error feedback")
+    return (f"compressor {codec.name!r} needs error feedback: it sizes each call by the residual against the "
+            f"running base and lets the base carry what it skips; with residual {residual!r} {effect}. "
+            f"Set \"residual\": \"ef\" (or \"ef2\"), or choose a fixed codec such as \"int8\"")
+
+
 def first_match(rules: list[Rule], site: CallSite) -> Optional[int]:
     """Index of the first rule matching ``site``, or ``None`` (the defaults apply)."""
     return next((i for i, rule in enumerate(rules) if matches(rule.match, site)), None)

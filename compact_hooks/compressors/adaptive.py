@@ -36,6 +36,8 @@ class AdaptiveCompressor(Compressor):
 
     variable_size: ClassVar[bool] = True
     wants_activation_norm: ClassVar[bool] = True
+    # "none" has no residual to size (always the finest level); "delta" loses a skipped change for good
+    needs_error_feedback: ClassVar[bool] = True
 
     def __init__(self, target_rel_error: float = 0.02, ladder: Any = DEFAULT_LADDER, group_size: int = 128) -> None:
         if isinstance(target_rel_error, bool) or not isinstance(target_rel_error, (int, float)) \

@@ -35,7 +35,8 @@ class Compressor(ABC):
 
     * ``summable``: payload bodies are plain numbers that ``all_reduce`` may add (casts only);
     * ``lossless_dtypes``: input dtypes for which ``decode(encode(x))`` equals ``x`` bit for bit;
-    * ``variable_size``: payload lengths vary per call (then ``payload_nbytes`` is an upper bound).
+    * ``variable_size``: payload lengths vary per call (then ``payload_nbytes`` is an upper bound);
+    * ``needs_error_feedback``: usable only with residual ``ef`` or ``ef2`` (checked by the config).
 
     A codec that wants per-stream state (a warm-start basis) receives the channel's ``state`` dict
     in ``encode``; the codec itself holds none, apart from :attr:`device_cache` (headers and
@@ -49,6 +50,8 @@ class Compressor(ABC):
     variable_size: ClassVar[bool] = False
     # the channel puts the activation's norm into ``state["activation_norm"]`` before encoding a residual
     wants_activation_norm: ClassVar[bool] = False
+    # only meaningful with error feedback (residual "ef"/"ef2"): config validation refuses other modes
+    needs_error_feedback: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._fingerprint = spec_fingerprint(self.spec())
