@@ -37,16 +37,20 @@ def _nbytes(x: torch.Tensor) -> int:
 
 def plain_is_cheaper(session: Session, op: str, x: torch.Tensor, size: int) -> bool:
     """Whether the plain collective sends no more than the compressed one would in a steady step
-    (tiny tensors, where headers and scales dominate; a summable cast no narrower than ``x``)."""
+    (tiny tensors, where headers and scales dominate; a summable cast no narrower than ``x``). A
+    variable-size codec's largest payload counts with the length sent before it."""
     compressor = session.compressor
     if op == "all_reduce" and compressor.summable:
         wire = torch.empty((), dtype=getattr(compressor, "wire_dtype", x.dtype)).element_size()
         return wire >= x.element_size()
+    length = SIZE_NBYTES if compressor.variable_size else 0
     if op == "all_reduce":
         chunk = tuple(reduce_chunks(x, size)[0].shape)
-        return 2 * (size - 1) * session.payload_nbytes(chunk, x.dtype, False) >= plain_bytes(op, _nbytes(x), size)
+        payload = session.payload_nbytes(chunk, x.dtype, False) + length
+        return 2 * (size - 1) * payload >= plain_bytes(op, _nbytes(x), size)
     piece = (x.shape[0] // size, *x.shape[1:]) if op == "all_to_all" else tuple(x.shape)
-    return session.payload_nbytes(piece, x.dtype, False) >= _nbytes(x) // (size if op == "all_to_all" else 1)
+    payload = session.payload_nbytes(piece, x.dtype, False) + length
+    return payload >= _nbytes(x) // (size if op == "all_to_all" else 1)
 
 
 def plain_recorded(session: Session, key: str, op: str, x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
