@@ -20,11 +20,11 @@ from __future__ import annotations
 import copy
 import json
 import os
-from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .configs import missing_hint, resolve_config_path
 from .errors import ConfigError
 from .policy import Rule, feedback_problem
 from .registry import build_compressor
@@ -172,12 +172,14 @@ def _looks_like_deepspeed(mapping: Mapping[str, Any]) -> bool:
 
 
 def read_json(path: Union[str, os.PathLike[str]]) -> dict[str, Any]:
-    """Read a JSON file; a missing file or bad JSON raises :class:`ConfigError`."""
-    p = Path(path)
+    """Read a JSON file (or a packaged config by name, see compact_hooks/configs); a missing file or bad
+    JSON raises :class:`ConfigError`."""
+    p = resolve_config_path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(str(p), f"cannot read the config file: {exc.strerror or exc}") from None
+        hint = missing_hint(p) if isinstance(exc, FileNotFoundError) else ""
+        raise ConfigError(str(p), f"cannot read the config file: {exc.strerror or exc}{hint}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(str(p), f"not a UTF-8 text file (byte {exc.start}): is it really the JSON config?") from None
     except ValueError as exc:  # a path with a NUL byte

@@ -2,8 +2,9 @@
 
     python -m compact_hooks.integrations.diffusers.train_tiny [--out DIR] [--steps 1600] [--seed 0]
 
-(default ``--out``: the package's ``weights/flux-digits``, the shipped model). 1600 steps of batch 64 take
-about 10-12 minutes on one free CPU core.
+(default ``--out``: ``out/flux-digits`` in the working directory; the shipped model in the package's
+``weights/flux-digits`` came from this command with ``--out`` pointing there; ``load_trained_pipeline(DIR)``
+loads a trained directory). 1600 steps of batch 64 take about 10-12 minutes on one free CPU core.
 
 Flow matching as ``FlowMatchEulerDiscreteScheduler`` samples it: ``x_t = (1 - t) x0 + t noise`` with
 ``t`` in [0, 1] given as the transformer's ``timestep`` (``FluxPipeline`` passes ``sigma``), and the
@@ -29,13 +30,15 @@ import torch
 from .trained import (
     EMBEDDINGS_FILE,
     IMAGE_SIZE,
-    WEIGHTS_DIR,
     class_embeddings,
     digits_images,
     image_ids,
     pack,
     random_transformer,
 )
+
+# relative to the working directory: training never writes into the installed package by default
+DEFAULT_OUT = "out/flux-digits"
 
 
 def train(out: Path, steps: int = 1600, batch: int = 64, lr: float = 1e-3, seed: int = 0, threads: int = 1,
@@ -97,7 +100,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``compact-hooks train-tiny`` on the command's subparsers."""
     p = sub.add_parser("train-tiny", help="train the embedded digits FLUX model (deterministic given --seed)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(WEIGHTS_DIR), help="output directory (default: %(default)s)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="output directory (default: %(default)s in the working directory; never the installed package)")
     p.add_argument("--steps", type=int, default=1600)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
