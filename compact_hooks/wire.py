@@ -30,7 +30,7 @@ from .errors import ProtocolError
 
 HEADER_NBYTES = 16
 FLAGS_BYTE = 5
-WIRE_VERSION = 2  # 2: bfloat16 scales for float32/bfloat16 tensors
+WIRE_VERSION = 3  # 2: bfloat16 scales for float32/bfloat16 tensors; 3: fp16 bodies end in a float32 scale
 MAGIC = b"CH"
 
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)

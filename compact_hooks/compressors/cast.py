@@ -42,12 +42,47 @@ class _CastCompressor(Compressor):
         return from_bytes(body, self.wire_dtype, numel_of(shape)).view(shape).to(dtype)
 
 
+FP16_MAX = 65504.0
+
+
+def fp16_scale(x: torch.Tensor) -> torch.Tensor:
+    """The float32 power of two (at least 1) that brings ``x``'s largest finite magnitude within
+    float16's range, on ``x``'s device (no host read). 1 for float16 input, empty tensors, and
+    tensors whose largest magnitude is non-finite (those keep a plain cast)."""
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return one
+    amax = torch.linalg.vector_norm(x, float("inf"), dtype=torch.float32)
+    ratio = torch.nan_to_num(amax, nan=0.0, posinf=0.0) / FP16_MAX
+    _, exponent = torch.frexp(ratio)  # ratio = m * 2^e, m in [0.5, 1): ratio / 2^e < 1
+    return torch.where(ratio > 1, torch.ldexp(one, exponent), one)
+
+
 @register_compressor("fp16")
 class Fp16Compressor(_CastCompressor):
-    """Casts to float16 on the wire (lossless for float16 input)."""
+    """Casts to float16 on the wire (lossless for float16 input). A float32 or bfloat16 tensor beyond
+    float16's range (65504) is divided by a power of two first, so that it fits: decoded values are
+    finite and within float16's relative precision (2^-11 of the largest magnitude) up to float32's
+    range. Body: the float16 values, then that scale as float32 (1 when the tensor fits).
+
+    Not summable: ranks' scales differ, so all_reduce takes the compressed two-stage path instead of
+    summing float16 casts (whose sum could overflow)."""
 
     wire_dtype = torch.float16
     lossless_dtypes = frozenset({torch.float16})
+    summable = False
+
+    def body_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return numel_of(shape) * 2 + 4
+
+    def encode_body(self, x: torch.Tensor, state: dict[str, Any] | None) -> list[torch.Tensor]:
+        scale = fp16_scale(x)  # a power of two: dividing by it is exact (short of underflow)
+        return [(x * scale.reciprocal().to(x.dtype)).to(torch.float16), scale]
+
+    def decode_body(self, body: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = numel_of(shape)
+        values = from_bytes(body, torch.float16, n).view(shape).to(dtype)
+        return values * from_bytes(body[2 * n:], torch.float32, 1).view(()).to(dtype)
 
 
 @register_compressor("bf16")
