@@ -31,7 +31,7 @@ SUBCOMMANDS = {
     "run": "compact_hooks.cli_diffusers:add_run_parser",
     "launch": "compact_hooks.launcher.launch",
     "report": "compact_hooks.bench.report",
-    "train-tiny": "compact_hooks.integrations.diffusers.train_tiny",
+    "train-tiny": "compact_hooks.cli_diffusers:add_train_tiny_parser",
 }
 TOP_FLAGS = ("--debug", "-V", "--version")
 DEBUG_ENV = "COMPACT_HOOKS_DEBUG"

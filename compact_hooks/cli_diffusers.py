@@ -14,6 +14,9 @@ from typing import Any
 from compact_hooks.cli import Handler, module_doc
 
 JOB = "compact_hooks.integrations.diffusers.job"
+TRAIN_TINY = "compact_hooks.integrations.diffusers.train_tiny"
+# train-tiny's --out: relative to the working directory, so training never writes into the installed package
+TRAIN_TINY_OUT = "out/flux-digits"
 # --dtype of `run` -> the torch dtype's name
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -50,4 +53,20 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="run without a launcher on this one process (nothing is parallel; a smoke test)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(handler=Handler(f"{JOB}:main"))
+    return p
+
+
+def add_train_tiny_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``train-tiny`` on the command's subparsers (handler: ``train_tiny.run``, imported when run)."""
+    p = sub.add_parser("train-tiny", help="train the embedded digits FLUX model (deterministic given --seed)",
+                       description=module_doc(TRAIN_TINY), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=TRAIN_TINY_OUT,
+                   help="output directory (default: %(default)s in the working directory; never the installed package)")
+    p.add_argument("--steps", type=int, default=1600)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--no-check", action="store_true", help="skip the classifier check of the samples")
+    p.set_defaults(handler=Handler(f"{TRAIN_TINY}:run"), parser=p)
     return p

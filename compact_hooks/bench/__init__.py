@@ -7,23 +7,32 @@
 * ``quality``: image quality of every method on the trained digits model; ``trace`` (+ ``trace_io``):
   replay of recorded activation traces through the codecs;
 * ``report``: the plot of a ``stats.json`` written by ``compact-hooks run`` (``compact-hooks report``);
-* ``workload`` and ``options``: the synthetic activation stream and the argument types they share.
+* ``workload``: the synthetic activation stream; ``options``: the options of the kinds that import torch.
 
-Nothing is imported here: each subcommand loads only its own module.
+Nothing heavy is imported here: the kinds' options are declared in ``options`` (or in the kind's
+module when it imports no torch, as ``e2e``) and each kind's module is imported when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 
-# `compact-hooks bench KIND`: the module under compact_hooks.bench whose add_parser(kinds) registers KIND
-KINDS = ("codecs", "drift", "scaling", "e2e", "quality", "trace")
+from compact_hooks.cli import resolve
+
+# `compact-hooks bench KIND` -> the light "module:function" (or "module": its add_parser) that declares KIND
+KINDS = {
+    "codecs": "compact_hooks.bench.options:add_codecs",
+    "drift": "compact_hooks.bench.options:add_drift",
+    "scaling": "compact_hooks.bench.options:add_scaling",
+    "e2e": "compact_hooks.bench.e2e",
+    "quality": "compact_hooks.bench.options:add_quality",
+    "trace": "compact_hooks.bench.options:add_trace",
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``bench`` and its kinds on the ``compact-hooks`` command's subparsers."""
     bench = sub.add_parser("bench", help="benchmarks: codecs, drift, scaling, e2e, quality, trace")
     kinds = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    for kind in KINDS:
-        importlib.import_module(f"{__name__}.{kind}").add_parser(kinds)
+    for target in KINDS.values():
+        resolve(target)(kinds)

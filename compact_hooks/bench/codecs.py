@@ -25,7 +25,7 @@ from compact_hooks.kernels import supports, use_fused
 from compact_hooks.registry import build_compressor
 from compact_hooks.residual import Channel
 
-from .options import dtype_arg, shape_arg, spec_arg
+from .options import spec_arg
 from .workload import activation_walk, walk_error
 
 # The codecs `bench codecs` measures by default, with the paper's settings where it has them.
@@ -152,16 +152,3 @@ def main_codecs(args: argparse.Namespace) -> int:
     result = bench_codecs(args.shape, args.dtype, specs, args.repeats, device=args.device)
     print(json.dumps(result, indent=2)) if args.json else _print_codecs(result)
     return 0
-
-
-def add_parser(kinds: argparse._SubParsersAction) -> None:
-    """Register ``bench codecs`` on ``compact-hooks bench``'s subparsers."""
-    codecs = kinds.add_parser("codecs", help="wire ratio, error and speed of each codec vs a memory copy")
-    codecs.add_argument("--shape", type=shape_arg, default=(1088, 3072))
-    codecs.add_argument("--dtype", type=dtype_arg, default=torch.float16)
-    codecs.add_argument("--compressor", action="append", help="a name or JSON spec (repeatable); default: all")
-    codecs.add_argument("--repeats", type=int, default=10)
-    codecs.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    codecs.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    codecs.add_argument("--json", action="store_true")
-    codecs.set_defaults(handler=main_codecs)

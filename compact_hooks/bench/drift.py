@@ -20,7 +20,7 @@ import torch
 from compact_hooks.registry import build_compressor
 from compact_hooks.residual import MODES
 
-from .options import dtype_arg, shape_arg, spec_arg
+from .options import spec_arg
 from .workload import walk_error
 
 
@@ -53,17 +53,3 @@ def main_drift(args: argparse.Namespace) -> int:
     result = bench_drift(spec_arg(args.compressor), args.steps, args.shape, args.dtype, args.device, warmup)
     print(json.dumps(result, indent=2)) if args.json else _print_drift(result)
     return 0
-
-
-def add_parser(kinds: argparse._SubParsersAction) -> None:
-    """Register ``bench drift`` on ``compact-hooks bench``'s subparsers."""
-    drift = kinds.add_parser("drift", help="per-step error of residual modes none, delta, ef, ef2")
-    drift.add_argument("--steps", type=int, default=50)
-    drift.add_argument("--compressor", default="int2", help="a name or JSON spec")
-    drift.add_argument("--shape", type=shape_arg, default=(256, 512))
-    drift.add_argument("--dtype", type=dtype_arg, default=torch.float16)
-    drift.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    drift.add_argument("--warmup-compressor", default=None,
-                       help="send the first step with this codec (name or JSON spec) instead of in full")
-    drift.add_argument("--json", action="store_true")
-    drift.set_defaults(handler=main_drift)

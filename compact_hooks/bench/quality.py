@@ -185,18 +185,3 @@ def main_quality(args: argparse.Namespace) -> int:
     else:
         print_table(result)
     return 0
-
-
-def add_parser(kinds: argparse._SubParsersAction) -> None:
-    """Register ``bench quality`` on ``compact-hooks bench``'s subparsers."""
-    p = kinds.add_parser("quality", help="image quality of every method on the trained digits model (2 ranks)",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--classes", type=int, nargs="+", default=list(range(10)))
-    p.add_argument("--world-size", type=int, default=2, help="ranks (the 4 heads allow 1, 2 or 4)")
-    p.add_argument("--methods", nargs="+", help="method names (default: all; the reference always runs)")
-    p.add_argument("--out", default="out/quality", help="writes quality.png and quality.json here ('' : none)")
-    p.add_argument("--weights", help="a trained digits model directory (default: the shipped weights)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=main_quality)

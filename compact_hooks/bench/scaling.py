@@ -97,14 +97,3 @@ def main(args: argparse.Namespace) -> int:
     result = bench_scaling(args.world, args.side, blocks, spec, args.steps)
     print(json.dumps(result, indent=2)) if args.json else _print(result)
     return 0
-
-
-def add_parser(kinds: argparse._SubParsersAction) -> None:
-    p = kinds.add_parser("scaling", help="wire bytes and session memory vs tokens, world size and layers")
-    p.add_argument("--world", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument("--side", type=int, nargs="+", default=[16, 32], help="latent side: tokens = side^2 + 12 text")
-    p.add_argument("--blocks", type=int, nargs="+", default=[3, 6], help="transformer blocks (1/3 double)")
-    p.add_argument("--compressor", default="int2")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=main)

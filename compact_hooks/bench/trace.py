@@ -25,10 +25,10 @@ import torch
 
 from ..registry import available_compressors, build_compressor
 from ..residual import Channel
-from .options import spec_arg
+from .options import TRACE_MODES, spec_arg
 from .trace_io import load_manifest, read_streams
 
-MODES = ("ef", "delta")
+MODES = TRACE_MODES  # declared with the parser (options.py)
 
 
 def default_codecs() -> list[Any]:
@@ -151,17 +151,3 @@ def main_trace(args: argparse.Namespace) -> int:
     else:
         print_table(result)
     return 0
-
-
-def add_parser(kinds: argparse._SubParsersAction) -> None:
-    """Register ``bench trace`` on ``compact-hooks bench``'s subparsers."""
-    p = kinds.add_parser("trace", help="replay a recorded activation trace through the codecs",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("trace", help="trace directory (compact-hooks run --record-trace DIR)")
-    p.add_argument("--codec", dest="codecs", action="append",
-                   help="a codec name or JSON spec (repeatable; default: every registered codec)")
-    p.add_argument("--modes", default=",".join(MODES), help="residual modes, comma-separated (default: ef,delta)")
-    p.add_argument("--keys", default="*", help="globs of recorded keys to replay, comma-separated (default: *)")
-    p.add_argument("--warmup", type=int, default=1, help="full sends at the start of each request (default 1)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=main_trace)

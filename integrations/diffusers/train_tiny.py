@@ -27,6 +27,8 @@ from typing import Any, Optional
 
 import torch
 
+from compact_hooks.cli_diffusers import TRAIN_TINY_OUT, add_train_tiny_parser
+
 from .trained import (
     EMBEDDINGS_FILE,
     IMAGE_SIZE,
@@ -38,7 +40,7 @@ from .trained import (
 )
 
 # relative to the working directory: training never writes into the installed package by default
-DEFAULT_OUT = "out/flux-digits"
+DEFAULT_OUT = TRAIN_TINY_OUT
 
 
 def train(out: Path, steps: int = 1600, batch: int = 64, lr: float = 1e-3, seed: int = 0, threads: int = 1,
@@ -97,18 +99,10 @@ def train(out: Path, steps: int = 1600, batch: int = 64, lr: float = 1e-3, seed:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``compact-hooks train-tiny`` on the command's subparsers."""
-    p = sub.add_parser("train-tiny", help="train the embedded digits FLUX model (deterministic given --seed)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=DEFAULT_OUT,
-                   help="output directory (default: %(default)s in the working directory; never the installed package)")
-    p.add_argument("--steps", type=int, default=1600)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument("--no-check", action="store_true", help="skip the classifier check of the samples")
-    p.set_defaults(handler=run, parser=p)
+    """Register ``train-tiny`` (its flags: ``compact_hooks.cli_diffusers.add_train_tiny_parser``) with this
+    module's ``run``."""
+    p = add_train_tiny_parser(sub)
+    p.set_defaults(handler=run)
     return p
 
 
