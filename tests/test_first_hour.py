@@ -115,3 +115,83 @@ def test_run_without_a_launcher_refuses_and_says_how_to_launch(tmp_path):
         assert launcher in proc.stderr, proc.stderr[-2000:]
     assert "nothing would run in parallel" in proc.stderr
     assert not (tmp_path / "stats.json").exists()
+
+
+# -- misspelt config blocks and keys ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["compact_hook", "compactHooks", "compact-hooks", "compacthooks"])
+def test_misspelt_block_is_named_with_the_right_spelling(tmp_path, name):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 1, name: {"compressor": "int4"}}))
+    with pytest.raises(ch.ConfigError, match=f"{name}: unknown block; did you mean \"compact_hooks\""):
+        ch.load_config(path)
+
+
+def test_misspelt_block_in_a_deepspeed_config_is_named():
+    pytest.importorskip("deepspeed")
+    from compact_hooks.integrations.deepspeed import inference
+
+    with pytest.raises(ch.ConfigError, match="compact_hook: unknown block; did you mean \"compact_hooks\""):
+        inference.compact_config({"tensor_parallel": {"tp_size": 2}, "compact_hook": {"compressor": "int4"}})
+    # no block at all: DeepSpeed's convention for a missing feature block, plain collectives
+    assert inference.compact_config({"tensor_parallel": {"tp_size": 2}}).enabled is False
+
+
+@pytest.mark.parametrize("block, where, known", [
+    ({"stats": {"enable": True}}, "compact_hooks.stats.enable", "did you mean 'enabled'?; known keys: enabled, error_every"),
+    ({"rules": [{"match": {"keys": "a*"}}]}, "compact_hooks.rules[0].match.keys",
+     "known keys: group_size, key, link, op, role"),
+    ({"rules": [{"plain": True, "warmup": 1}]}, "compact_hooks.rules[0].warmup",
+     "known keys: compressor, match, plain, residual, warmup_compressor, warmup_steps"),
+    ({"compresor": "int2"}, "compact_hooks.compresor", "did you mean 'compressor'?"),
+])
+def test_unknown_nested_keys_list_the_valid_keys(block, where, known):
+    with pytest.raises(ch.ConfigError) as info:
+        ch.load_config({"compact_hooks": block})
+    assert info.value.key_path == where and known in str(info.value)
+
+
+def test_job_says_when_the_config_has_no_block(tmp_path):
+    from compact_hooks.integrations.diffusers.job import block_note
+
+    bare, empty, full = tmp_path / "bare.json", tmp_path / "empty.json", tmp_path / "full.json"
+    bare.write_text('{"compressor": "int4"}')
+    empty.write_text("{}")
+    full.write_text('{"compact_hooks": {}}')
+    assert block_note(str(full)) is None
+    assert "no \"compact_hooks\" block" in block_note(str(bare)) and "1 set" in block_note(str(bare))
+    assert "defaults" in block_note(str(empty)) and "every key" in block_note(str(empty))
+
+
+# -- the uncompressed baseline's byte counts -----------------------------------------------------------------------
+
+
+def plain_stats_worker(rank: int, world: int) -> dict:
+    hooks = {"passthrough": ch.PassthroughHook(), "cast": ch.CastHook(torch.bfloat16)}
+    x = torch.randn(2 * world, 64)
+    for _ in range(2):
+        for hook in hooks.values():
+            for op in ("all_gather", "all_to_all", "all_reduce", "ring_exchange"):
+                hook(ch.CollectiveCall(op, x, None, key=f"blocks.0.attn:{op}"))
+            hook(ch.CollectiveCall("all_gather", x, None))  # no key: all_gather#0
+            hook.next_step()
+    return {name: hook.stats() for name, hook in hooks.items()}
+
+
+def test_passthrough_and_cast_hooks_count_bytes_like_other_hooks():
+    from compact_hooks.collectives import plain_bytes
+    from tests.distributed import run_ranks
+
+    world = 2
+    nbytes = 2 * world * 64 * 4
+    for res in run_ranks(plain_stats_worker, world):
+        p, c = res["passthrough"], res["cast"]
+        assert p["hook"] == "passthrough" and p["calls"] == 10 and len(p["per_step"]) == 2
+        for op in ("all_gather", "all_to_all", "all_reduce", "ring_exchange"):
+            k = p["per_key"][f"blocks.0.attn:{op}"]
+            assert k["raw_bytes"] == k["wire_bytes"] == 2 * plain_bytes(op, nbytes, world)
+            assert c["per_key"][f"blocks.0.attn:{op}"]["wire_bytes"] * 2 == k["raw_bytes"]  # bfloat16 on the wire
+        assert p["per_key"]["all_gather#0"]["raw_bytes"] == 2 * plain_bytes("all_gather", nbytes, world)
+        assert p["raw_bytes"] == p["wire_bytes"] > 0 and p["compression_ratio"] == 1.0
+        assert c["compression_ratio"] == 2.0
