@@ -131,6 +131,15 @@ def test_wheel_installs_and_runs_the_demo_outside_the_clone(tmp_path: Path) -> N
                  *(f"compact_hooks/configs/{f}" for f in DESCRIPTIONS),
                  *(f"compact_hooks/integrations/diffusers/weights/flux-digits/{f}" for f in _digest(WEIGHTS))]:
         assert name in names, f"the wheel lacks {name}"
+    # [all] is the runtime extras only; the test tools are in [test], and [dev] is both
+    metadata = zipfile.ZipFile(wheel).read("compact_hooks-" + wheel.name.split("-")[1] + ".dist-info/METADATA").decode()
+    extras: dict[str, set[str]] = {}
+    for req, extra in re.findall(r'^Requires-Dist: ([A-Za-z0-9_.\-]+).*extra == "(\w+)"$', metadata, re.M):
+        extras.setdefault(extra, set()).add(req.lower())
+    tools = {"pytest", "pytest-timeout", "hypothesis", "ruff", "triton"}
+    assert extras["test"] == tools and not extras["all"] & tools, extras
+    assert extras["all"] == set().union(*(extras[e] for e in ("deepspeed", "diffusers", "mpi", "xdit", "quality")))
+    assert extras["dev"] == extras["all"] | tools
 
     # 2. a fresh venv that sees the project venv's packages (torch, diffusers, ...) but not compact-hooks
     venv, shared = tmp_path / "venv", tmp_path / "shared"
