@@ -5,6 +5,8 @@ Quick start::
     import compact_hooks as ch
     hook = ch.build_hook({"compressor": "int2", "residual": "ef"})
     y = hook(ch.CollectiveCall("all_gather", x, group, key="blocks.0.attn:k"))
+    work = hook.start(ch.CollectiveCall("all_to_all", q, group, key="blocks.0.attn:q"))  # async
+    q_out = work.wait()
     hook.next_step()
 """
 
@@ -42,6 +44,8 @@ _EXPORTS = {
     "Session": ".residual",
     "Stats": ".stats",
     "Topology": ".topology",
+    "CollectiveWork": ".work",
+    "OutstandingWorkError": ".work",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
@@ -55,6 +59,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .residual import Channel, Session
     from .stats import Stats
     from .topology import Topology
+    from .work import CollectiveWork, OutstandingWorkError
 
 __version__ = "0.1.0"
 
@@ -62,6 +67,7 @@ __all__ = [
     "CastHook",
     "CollectiveCall",
     "CollectiveTimeoutError",
+    "CollectiveWork",
     "Channel",
     "CommHook",
     "CompactHook",
@@ -70,6 +76,7 @@ __all__ = [
     "Compressor",
     "ConfigError",
     "LinkAwareHook",
+    "OutstandingWorkError",
     "PassthroughHook",
     "ProtocolError",
     "Session",

@@ -17,17 +17,28 @@ Hooks are stateful objects in the style of PyTorch's DDP communication hooks: th
 state, know the current step and request (``next_step``, ``begin_request``) and report
 ``stats()``. This module holds only the interface; the built-in hooks live in
 :mod:`compact_hooks.hooks`.
+
+Asynchronous calls, in the style of ``torch.distributed``'s ``async_op=True``::
+
+    work = hook.start(call)            # or hook(call, async_op=True): encode, start the transfer
+    ...                                # compute while the bytes move
+    out = work.wait()                  # decode, update the bases; work.get_future() for a Future
+
+``hook(call)`` is ``hook.start(call).wait()``. See :mod:`compact_hooks.work` for the ordering rule.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from . import collectives as C
+from .work import CollectiveWork, Outstanding, check_idle
 
 Op = Literal["all_gather", "all_to_all", "all_reduce", "ring_exchange"]
 OPS: tuple[str, ...] = ("all_gather", "all_to_all", "all_reduce", "ring_exchange")
@@ -68,14 +79,54 @@ class CollectiveCall:
 
 
 class CommHook:
-    """Base class of hooks. Subclasses implement :meth:`__call__`; step/request hooks are no-ops here.
+    """Base class of hooks. A subclass implements :meth:`start` (asynchronous: encode, start the
+    transfer, return a :class:`~compact_hooks.work.CollectiveWork`) or only ``__call__`` (synchronous;
+    ``start`` then returns an already completed work of it). Step/request hooks are no-ops here.
     ``timeout_s``: how long the hook waits for a peer (``None``: the process group's timeout);
     integrations use it for their own collectives too."""
 
     timeout_s: Optional[float] = None
 
-    def __call__(self, call: CollectiveCall) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own ``__call__(call)`` also accepts ``async_op`` (``True``: :meth:`start`)."""
+        super().__init_subclass__(**kwargs)
+        call = cls.__dict__.get("__call__")
+        if call is None or "async_op" in inspect.signature(call).parameters:
+            return
+
+        @functools.wraps(call)
+        def __call__(self: CommHook, c: CollectiveCall, async_op: bool = False) -> Any:
+            return self.start(c) if async_op else call(self, c)
+
+        __call__.sync_call = True  # type: ignore[attr-defined]
+        cls.__call__ = __call__  # type: ignore[method-assign]
+
+    def __call__(self, call: CollectiveCall, async_op: bool = False) -> Union[torch.Tensor, CollectiveWork]:
+        """The collective's result; with ``async_op=True`` the work of :meth:`start` instead."""
+        work = self.start(call)
+        return work if async_op else work.wait()
+
+    def start(self, call: CollectiveCall) -> CollectiveWork:
+        """Start ``call``: encode now, move the bytes in the background; ``wait()`` the work for the result.
+        The default runs a subclass's synchronous ``__call__`` and returns its completed work."""
+        if getattr(type(self).__call__, "sync_call", False):
+            return CollectiveWork.completed(self(call))
+        raise NotImplementedError(f"{type(self).__name__} implements neither start(call) nor __call__(call)")
+
+    def outstanding(self) -> Outstanding:
+        """The works this hook started and nobody waited on yet (the ordering rule's bookkeeping)."""
+        table = self.__dict__.get("_outstanding")
+        if table is None:
+            table = self.__dict__["_outstanding"] = Outstanding()
+        return table
+
+    def outstanding_keys(self) -> list[str]:
+        """Keys with a started, not yet waited work (this hook's and its inner hooks')."""
+        return self.outstanding().keys()
+
+    def check_idle(self, what: str) -> None:
+        """Raise :class:`~compact_hooks.work.OutstandingWorkError` when works are outstanding."""
+        check_idle(self.outstanding_keys(), what)
 
     def begin_request(self) -> None:
         """A new request (pipeline call) starts: per-request state is dropped."""
@@ -93,13 +144,24 @@ class CommHook:
 class WrappingHook(CommHook):
     """A hook around another (``inner``), in the style of DDP's composable hook wrappers: every call,
     step and request mark, ``stats()`` and ``timeout_s`` go to ``inner``; a subclass overrides what
-    it adds (metering, tracing, fault injection) and calls the base."""
+    it adds (metering, tracing, fault injection) and calls the base. A subclass that overrides only
+    ``__call__`` stays synchronous (``start`` runs it and returns a completed work); one that
+    overrides ``start`` (calling ``super().start``) stays asynchronous."""
 
     def __init__(self, inner: CommHook) -> None:
         self.inner = inner
 
-    def __call__(self, call: CollectiveCall) -> torch.Tensor:
-        return self.inner(call)
+    def __call__(self, call: CollectiveCall, async_op: bool = False) -> Union[torch.Tensor, CollectiveWork]:
+        work = self.inner.start(call)
+        return work if async_op else work.wait()
+
+    def start(self, call: CollectiveCall) -> CollectiveWork:
+        if getattr(type(self).__call__, "sync_call", False):  # a subclass's own synchronous __call__
+            return CollectiveWork.completed(self(call))
+        return self.inner.start(call)
+
+    def outstanding_keys(self) -> list[str]:
+        return [*self.outstanding().keys(), *self.inner.outstanding_keys()]
 
     @property
     def timeout_s(self) -> Optional[float]:  # type: ignore[override]
