@@ -1,9 +1,11 @@
 """Which host each rank of a process group runs on, and the link class of a group.
 
 Hostnames are exchanged once per process group: one all-gather of fixed-size byte buffers
-(:data:`HOSTNAME_BYTES` each). The result is cached per group (by its tuple of global ranks) in a
-:class:`Topology` object that a hook or an integration owns; a group whose ranks are all covered by
-an earlier exchange (a subgroup of the world, say) is derived from it without communicating.
+(:data:`HOSTNAME_BYTES` each), waiting at most ``timeout_s`` for a peer (else
+:class:`~compact_hooks.errors.CollectiveTimeoutError`, as every other exchange). The result is
+cached per group (by its tuple of global ranks) in a :class:`Topology` object that a hook or an
+integration owns; a group whose ranks are all covered by an earlier exchange (a subgroup of the
+world, say) is derived from it without communicating.
 
 ``link_class(group)`` is ``"intra_host"`` when every rank of the group is on one host, else
 ``"inter_host"``: a collective over such a group crosses the slow link.
@@ -45,24 +47,28 @@ class Topology:
 
     ``hostname`` is this rank's host (default :func:`local_hostname`). Every rank of a group must ask
     about the group at the same point (the first question is a collective over it), which is what a
-    hook does: all ranks of a group call the same collective in the same order.
+    hook does: all ranks of a group call the same collective in the same order. ``timeout_s`` bounds
+    the wait for a peer in the exchange (``None``: the process group's own timeout); a call's own
+    ``timeout_s`` replaces it.
     """
 
-    def __init__(self, hostname: Optional[str] = None) -> None:
+    def __init__(self, hostname: Optional[str] = None, timeout_s: Optional[float] = None) -> None:
         self.hostname = hostname if hostname is not None else local_hostname()
+        self.timeout_s = timeout_s
         self._encoded = _checked(self.hostname)
         self._hosts: dict[tuple[int, ...], tuple[str, ...]] = {}
         self.exchanges = 0  # all-gathers done (one per group not derivable from earlier ones)
 
-    def hosts(self, group: Group) -> tuple[str, ...]:
-        """The hostname of every rank of ``group``, by group rank."""
+    def hosts(self, group: Group, timeout_s: Optional[float] = None) -> tuple[str, ...]:
+        """The hostname of every rank of ``group``, by group rank (an exchange waits at most
+        ``timeout_s``, default the Topology's, for a peer)."""
         ranks = group_ranks(group)
         known = self._hosts.get(ranks)
         if known is not None:
             return known
         known = self._derive(ranks)
         if known is None:
-            known = self._exchange(group, len(ranks))
+            known = self._exchange(group, len(ranks), timeout_s if timeout_s is not None else self.timeout_s)
         self._hosts[ranks] = known
         return known
 
@@ -73,21 +79,21 @@ class Topology:
                 return tuple(where[r] for r in ranks)
         return None
 
-    def _exchange(self, group: Group, size: int) -> tuple[str, ...]:
+    def _exchange(self, group: Group, size: int, timeout_s: Optional[float]) -> tuple[str, ...]:
         if size == 1 or group_size(group) == 1:
             return (self.hostname,)
-        every = gather_texts(self._encoded, HOSTNAME_BYTES, group, None, "the hostname exchange")
+        every = gather_texts(self._encoded, HOSTNAME_BYTES, group, timeout_s, "the hostname exchange")
         self.exchanges += 1
         return tuple(every)
 
-    def link_class(self, group: Group) -> LinkClass:
+    def link_class(self, group: Group, timeout_s: Optional[float] = None) -> LinkClass:
         """``"intra_host"`` if every rank of ``group`` is on one host, else ``"inter_host"``."""
-        return "intra_host" if len(set(self.hosts(group))) <= 1 else "inter_host"
+        return "intra_host" if len(set(self.hosts(group, timeout_s))) <= 1 else "inter_host"
 
-    def ranks_by_host(self, group: Group) -> list[list[int]]:
+    def ranks_by_host(self, group: Group, timeout_s: Optional[float] = None) -> list[list[int]]:
         """Group ranks per host, hosts in order of their first rank, ranks ascending."""
         by: dict[str, list[int]] = {}
-        for rank, host in enumerate(self.hosts(group)):
+        for rank, host in enumerate(self.hosts(group, timeout_s)):
             by.setdefault(host, []).append(rank)
         return list(by.values())
 

@@ -5,7 +5,11 @@ across hosts runs over Ethernet/InfiniBand and dominates. This hook routes each 
 class of its group (:meth:`compact_hooks.topology.Topology.link_class`): classes listed in
 ``compress`` go to the ``compressed`` hook, the others to ``plain`` (typically a PassthroughHook, so
 their bytes are untouched and exact). ``stats()["links"]`` counts raw bytes, wire bytes and calls
-per link class.
+per link class; the bytes are the routed-to hook's own (read from its ``stats()``).
+
+Before the first hostname exchange of a group, the settings handshake of the CompactHook inside
+``compressed`` runs with this hook's ``links`` value, so ranks that route differently raise
+:class:`~compact_hooks.errors.ProtocolError` instead of pairing unrelated collectives.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from typing import Any, Optional
 import torch
 
 from .. import collectives as C
-from ..hook import CollectiveCall, CommHook
+from ..hook import CollectiveCall, CommHook, WrappingHook
 from ..stats import MAX_STEPS
 from ..topology import LINK_CLASSES, Topology
+from .compact import CompactHook
 
 
 @dataclass
@@ -37,11 +42,68 @@ class LinkStats:
         return d
 
 
-def _wire_counter(hook: CommHook) -> Optional[int]:
-    """The running wire-byte count of a hook with a residual session (CompactHook), else ``None``."""
-    stats = getattr(getattr(hook, "session", None), "stats", None)
-    value = getattr(stats, "step_wire", None)
-    return value if isinstance(value, int) else None
+def _byte_totals(hook: CommHook) -> Optional[tuple[int, int]]:
+    """``(raw_bytes, wire_bytes)`` of ``hook.stats()``, or ``None`` for a hook that counts no bytes."""
+    stats = hook.stats()
+    raw, wire = stats.get("raw_bytes"), stats.get("wire_bytes")
+    ok = all(isinstance(v, int) and not isinstance(v, bool) for v in (raw, wire))
+    return (raw, wire) if ok else None
+
+
+class _Ledger:
+    """Reads one inner hook's byte totals and charges what it sent to one link class at a time.
+
+    ``stats()`` is read when the hook is first used, when it is next called for another link class
+    than its pending calls, and at ``settle`` (each step mark and ``stats()``); a hook that counts
+    no bytes (``stats()`` without ``raw_bytes``) is charged the plain bytes of each call.
+    """
+
+    def __init__(self, hook: CommHook) -> None:
+        self.hook = hook
+        self.seen: Optional[tuple[int, int]] = None  # the totals at the last read
+        self.counts: Optional[bool] = None  # None: not read yet
+        self.pending: Optional[str] = None  # the link class of the calls since the last read
+
+    def before(self, link: str) -> Optional[tuple[str, int, int]]:
+        """Before a call for ``link``: the bytes to charge to the previous link class, if it differs."""
+        if self.counts is None:
+            self.seen = _byte_totals(self.hook)
+            self.counts = self.seen is not None
+        charge = self.settle() if self.pending not in (None, link) else None
+        self.pending = link
+        return charge
+
+    def settle(self) -> Optional[tuple[str, int, int]]:
+        """``(link class, raw, wire)`` the hook sent since the last read (``None``: nothing pending)."""
+        link, self.pending = self.pending, None
+        if link is None or not self.counts:
+            return None
+        now = _byte_totals(self.hook)
+        if now is None:  # the hook stopped counting bytes
+            return None
+        last = self.seen or (0, 0)
+        if now[0] < last[0] or now[1] < last[1]:  # the hook's own counters were reset meanwhile
+            last = (0, 0)
+        self.seen = now
+        return link, now[0] - last[0], now[1] - last[1]
+
+    def forget(self) -> None:
+        """After the hook's ``reset()``: read its totals afresh at its next use."""
+        self.seen, self.counts, self.pending = None, None, None
+
+
+def _settings_owner(hook: CommHook) -> Optional[CompactHook]:
+    """The CompactHook inside ``hook`` (through wrappers), whose settings handshake ranks run first."""
+    while isinstance(hook, WrappingHook):
+        hook = hook.inner
+    return hook if isinstance(hook, CompactHook) else None
+
+
+def links_setting(compress: frozenset[str]) -> str:
+    """The ``links`` value of the settings handshake for a set of compressed link classes."""
+    if compress == frozenset(LINK_CLASSES):
+        return "all"  # what a CompactHook alone does (config links: "all"): compatible on the wire
+    return "+".join(c for c in LINK_CLASSES if c in compress) or "none"
 
 
 class LinkAwareHook(CommHook):
@@ -50,7 +112,10 @@ class LinkAwareHook(CommHook):
     ``topology`` (default: a new :class:`Topology` of this host) exchanges hostnames once per group.
     ``compress`` lists the link classes that are compressed: ``("inter_host",)`` (default) or
     ``("intra_host", "inter_host")`` (every hop). Every rank of a group sees the same hostnames, so
-    every rank routes a call the same way.
+    every rank routes a call the same way. The hostname exchange waits at most ``timeout_s`` (the
+    compressed hook's) for a peer. Per-link bytes come from each hook's ``stats()``: a hook
+    that serves both link classes (``compress`` of both) has its stats read whenever the class of its
+    calls changes, a cost of ``stats()`` per change.
     """
 
     def __init__(self, compressed: CommHook, plain: CommHook, topology: Optional[Topology] = None,
@@ -71,32 +136,51 @@ class LinkAwareHook(CommHook):
         self.request = 0
         self._step_links = {c: LinkStats() for c in LINK_CLASSES}
         self.per_step: deque[dict[str, Any]] = deque(maxlen=MAX_STEPS)
+        self._ledgers = (_Ledger(compressed), _Ledger(plain))
 
     @property
     def timeout_s(self) -> Optional[float]:  # type: ignore[override]
         return self.compressed.timeout_s
 
+    def agree(self, group: C.Group) -> None:
+        """Once per group: the settings handshake of the CompactHook inside ``compressed`` (if any),
+        with this hook's ``links``; ranks that differ raise ProtocolError naming ``links``."""
+        owner = _settings_owner(self.compressed)
+        if owner is not None:
+            extra = {**getattr(owner, "_handshake", {}), "links": links_setting(self.compress)}
+            C.agree_on_settings(owner.session, group, extra)
+
     def route(self, call: CollectiveCall) -> tuple[str, CommHook]:
         """``(link class, hook)`` that ``call`` goes to."""
-        link = self.topology.link_class(call.group)
+        link = self.topology.link_class(call.group, self.timeout_s)
         return link, (self.compressed if link in self.compress else self.plain)
 
     def __call__(self, call: CollectiveCall) -> torch.Tensor:
         size = C.group_size(call.group)
         if size == 1:
             return call.tensor
+        self.agree(call.group)  # before the hostname exchange: a mismatch must not pair the two
         link, hook = self.route(call)
-        raw = C.plain_bytes(call.op, call.tensor.numel() * call.tensor.element_size(), size)
-        before = _wire_counter(hook)
+        ledger = self._ledgers[0 if hook is self.compressed else 1]
+        self._charge(ledger.before(link))
         out = hook(call)
-        after = _wire_counter(hook)
-        wire = raw if before is None or after is None else after - before
+        if not ledger.counts:  # a hook without byte counters sends the plain bytes
+            raw = C.plain_bytes(call.op, call.tensor.numel() * call.tensor.element_size(), size)
+            self._charge((link, raw, raw))
         for table in (self.links, self._step_links):
-            s = table[link]
-            s.raw_bytes += raw
-            s.wire_bytes += wire
-            s.calls += 1
+            table[link].calls += 1
         return out
+
+    def _charge(self, charge: Optional[tuple[str, int, int]]) -> None:
+        if charge is not None:
+            link, raw, wire = charge
+            for table in (self.links, self._step_links):
+                table[link].raw_bytes += raw
+                table[link].wire_bytes += wire
+
+    def _settle(self) -> None:
+        for ledger in self._ledgers:
+            self._charge(ledger.settle())
 
     # -- step and request marks go to both hooks --------------------------------------------------
 
@@ -107,6 +191,7 @@ class LinkAwareHook(CommHook):
         self.step = 0
 
     def next_step(self) -> None:
+        self._settle()
         self.compressed.next_step()
         self.plain.next_step()
         if any(s.calls for s in self._step_links.values()):
@@ -120,6 +205,8 @@ class LinkAwareHook(CommHook):
     def reset(self) -> None:
         self.compressed.reset()
         self.plain.reset()
+        for ledger in self._ledgers:
+            ledger.forget()
         self.links = {c: LinkStats() for c in LINK_CLASSES}
         self._step_links = {c: LinkStats() for c in LINK_CLASSES}
         self.per_step.clear()
@@ -127,6 +214,7 @@ class LinkAwareHook(CommHook):
 
     def stats(self) -> dict[str, Any]:
         """Totals over both hooks, ``links`` per link class, and each hook's own stats."""
+        self._settle()
         raw = sum(s.raw_bytes for s in self.links.values())
         wire = sum(s.wire_bytes for s in self.links.values())
         return {"hook": "link_aware", "compress": sorted(self.compress), "raw_bytes": raw, "wire_bytes": wire,
