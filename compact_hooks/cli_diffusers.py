@@ -29,7 +29,8 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=module_doc(JOB), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="JSON config with a \"compact_hooks\" block")
     p.add_argument("--model", help="trained (default: the embedded digits model), random (random-weight FLUX, "
-                                    "for timing) or a local diffusers pipeline directory")
+                                    "for timing), a local diffusers pipeline directory or a FluxTransformer2DModel "
+                                    "directory (config.json + weights)")
     p.add_argument("--prompt-embeds", help="torch/safetensors file of pipeline kwargs "
                                             "(prompt_embeds, pooled_prompt_embeds, ...)")
     p.add_argument("--prompt", help="text prompt (a --model with text encoders)")

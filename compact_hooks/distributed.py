@@ -79,10 +79,10 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 600.0, *,
 
     ``backend`` defaults to ``nccl`` when CUDA is available (the device is set to the local rank),
     else ``gloo``. ``master_addr`` / ``master_port`` / ``ifname`` override what the launcher says
-    (see docs/multinode.md). An already initialised torch.distributed is returned as it is. With ``threads`` (default) and a gloo backend, each rank gets
-    ``cores // ranks on this host`` CPU threads unless ``OMP_NUM_THREADS`` is set (logged once per
-    host). Without a launcher it raises :class:`~compact_hooks.launcher.mpi.RankDiscoveryError`
-    naming the launch commands.
+    (see docs/multinode.md). An already initialised torch.distributed is returned as it is. With
+    ``threads`` (default) and a gloo backend, each rank gets ``cores // ranks on this host`` CPU threads
+    unless ``OMP_NUM_THREADS`` is set (logged once per host). Without a launcher it raises
+    :class:`~compact_hooks.launcher.mpi.RankDiscoveryError` naming the launch commands.
     """
     import torch.distributed as dist
 

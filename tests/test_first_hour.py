@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from compact_hooks.launcher.netns import mpirun_path
 
 import compact_hooks as ch
 from compact_hooks.distributed import rank_threads, set_rank_threads
-from compact_hooks.launcher.netns import mpirun_path
 from tests.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,3 +195,61 @@ def test_passthrough_and_cast_hooks_count_bytes_like_other_hooks():
         assert p["per_key"]["all_gather#0"]["raw_bytes"] == 2 * plain_bytes("all_gather", nbytes, world)
         assert p["raw_bytes"] == p["wire_bytes"] > 0 and p["compression_ratio"] == 1.0
         assert c["compression_ratio"] == 2.0
+
+
+# -- a model directory of one's own ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def transformer_dir(tmp_path_factory):
+    """A tiny random FluxTransformer2DModel saved as save_pretrained writes it (config.json + weights)."""
+    pytest.importorskip("diffusers")
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                   pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(4, 6, 6))
+    path = tmp_path_factory.mktemp("my-flux")
+    model.save_pretrained(path)
+    return path
+
+
+def test_bench_quality_on_a_transformer_directory(transformer_dir, tmp_path):
+    pytest.importorskip("skimage")
+    from safetensors.torch import save_file
+
+    from compact_hooks.bench import quality
+
+    g = torch.Generator().manual_seed(5)
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"prompt_embeds": torch.randn(2, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(2, 16, generator=g)},
+              str(embeds))
+    r = quality.run(steps=3, seeds=(0,), world=2, out=tmp_path, methods=["compact int2", "compact int4"],
+                    model=str(transformer_dir), prompt_embeds=str(embeds), height=64, width=64)
+    assert r["model"] == transformer_dir.name and r["images_per_method"] == 2 and r["classes"] is None
+    by = {m["name"]: m for m in r["methods"]}
+    assert by["uncompressed"]["psnr_db"] is None and by["uncompressed"]["class_accuracy"] is None
+    for name in ("compact int2", "compact int4"):
+        assert by[name]["ratio"] > 2 and 20 < by[name]["psnr_db"] < 120
+    assert by["compact int4"]["psnr_db"] > by["compact int2"]["psnr_db"]
+    assert (tmp_path / "quality.png").exists()
+    # random embeddings from a seed when no file is given; a file of the wrong width is refused
+    spec = quality.model_spec(str(transformer_dir), None, 3, 7)
+    assert spec["embeds"]["prompt_embeds"].shape[::2] == (3, 32) and spec["embeds"]["pooled_prompt_embeds"].shape == (3, 16)
+    save_file({"prompt_embeds": torch.zeros(2, 8, 31), "pooled_prompt_embeds": torch.zeros(2, 16)}, str(embeds))
+    with pytest.raises(ValueError, match=r"expected \[N, T, 32\]"):
+        quality.model_spec(str(transformer_dir), str(embeds), 1, 0)
+
+
+def test_run_takes_a_transformer_directory(transformer_dir, tmp_path):
+    config = ROOT / "examples" / "configs" / "diffusers_ulysses_int2.json"
+    proc = subprocess.run([sys.executable, "-m", "compact_hooks.cli", "run", "--config", str(config), "--model",
+                           str(transformer_dir), "--single-process", "--steps", "2", "--height", "64", "--width", "64",
+                           "--out", str(tmp_path)], cwd=ROOT, env=clean_env(OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["model"] == transformer_dir.name and stats["world_size"] == 1 and stats["steps"] == 2
+    assert (stats["height"], stats["width"]) == (8, 8)  # the latent: 64 / 8
+    assert stats["quality"]["identical"] is True  # one process: nothing on the wire, nothing lost

@@ -89,16 +89,23 @@ def add_scaling(kinds: argparse._SubParsersAction) -> None:
 
 def add_quality(kinds: argparse._SubParsersAction) -> None:
     """Register ``bench quality`` (``compact_hooks.bench.quality``)."""
-    p = kinds.add_parser("quality", help="image quality of every method on the trained digits model (2 ranks)",
+    p = kinds.add_parser("quality", help="image quality of every method on the digits model or --model DIR (2 ranks)",
                          description=module_doc("compact_hooks.bench.quality"),
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="denoising steps (default 20; few-step samplers: 2, 4, 8)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--classes", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--world-size", type=int, default=2, help="ranks (the 4 heads allow 1, 2 or 4)")
     p.add_argument("--methods", nargs="+", help="method names (default: all; the reference always runs)")
     p.add_argument("--out", default="out/quality", help="writes quality.png and quality.json here ('' : none)")
     p.add_argument("--weights", help="a trained digits model directory (default: the shipped weights)")
+    p.add_argument("--model", help="a FluxTransformer2DModel or FluxPipeline directory of one's own instead")
+    p.add_argument("--prompt-embeds", help="--model: .safetensors with prompt_embeds [N, T, D] and "
+                                           "pooled_prompt_embeds [N, P] (default: --prompts random ones)")
+    p.add_argument("--prompts", type=int, default=4, help="--model: random prompt embeddings to sample (default 4)")
+    p.add_argument("--embed-seed", type=int, default=0, help="--model: seed of the random prompt embeddings")
+    p.add_argument("--height", type=int, default=256, help="--model: image height in pixels (default 256)")
+    p.add_argument("--width", type=int, default=256, help="--model: image width in pixels (default 256)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=Handler("compact_hooks.bench.quality:main_quality"))
 

@@ -11,6 +11,10 @@ and prints those command lines, unless ``--single-process`` (one rank, nothing p
 Without ``--model`` (or with ``--model trained``) it loads the embedded trained FLUX-architecture digits
 model (``trained``: the prompt is class labels, default ``"0 1 ... 9"``, one image each; rank 0 also writes
 ``grid.png``); ``--model random`` builds a random-weight FLUX pipeline (for timing; no downloads).
+``--model DIR`` takes a local diffusers pipeline directory, or a transformer-only directory (``config.json``
++ weights of a ``FluxTransformer2DModel``): the pipeline is built around it (default scheduler, no text
+encoders or VAE; prompt embeddings from ``--prompt-embeds`` or random ones from seed 0; the images are
+its latents, see ``compact_hooks.integrations.diffusers.model_dir``; default 256x256, 20 steps).
 ``--record-trace DIR`` saves each step's tensor of the keys matching ``--trace-keys`` (or the config's
 top-level ``"trace": {"keys": [...]}``) as the hook sees it, for ``compact-hooks bench trace DIR``.
 Every rank runs the same pipeline call; the transformer is sequence-parallel
@@ -92,6 +96,19 @@ def init_distributed(args: argparse.Namespace) -> tuple[int, int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), local, owned
 
 
+def block_note(path: str) -> Optional[str]:
+    """What the job says when the config file has no ``"compact_hooks"`` block (its top level is then
+    read as the block, and every key it does not set takes its default)."""
+    from compact_hooks.config import BLOCK, read_json
+
+    data = read_json(path)
+    if BLOCK in data:
+        return None
+    unset = "every key" if not data else f"the keys it does not set ({len(data)} set)"
+    return (f"compact-hooks run: {path} has no \"{BLOCK}\" block: its top level is read as the block, with "
+            f"the defaults (docs/configuration.md) for {unset}")
+
+
 def load_prompt_kwargs(path: str, device: Any, dtype: Any) -> dict[str, Any]:
     """Pipeline kwargs (tensors) from a ``.safetensors`` file or a ``torch.save``'d dict."""
     import torch
@@ -110,6 +127,13 @@ def load_prompt_kwargs(path: str, device: Any, dtype: Any) -> dict[str, Any]:
     return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in data.items()}
 
 
+def transformer_only(model: str) -> bool:
+    """Whether ``--model`` is a FluxTransformer2DModel directory (config.json + weights)."""
+    from compact_hooks.integrations.diffusers.model_dir import directory_kind
+
+    return directory_kind(model) == "transformer"
+
+
 def build_pipeline(args: argparse.Namespace, device: Any, dtype: Any) -> tuple[Any, dict[str, Any], str]:
     """``(pipeline, prompt kwargs, model name)``."""
     from compact_hooks.integrations.diffusers.tiny import default_flux_pipeline, default_prompt_embeds
@@ -120,12 +144,16 @@ def build_pipeline(args: argparse.Namespace, device: Any, dtype: Any) -> tuple[A
         pipe = load_trained_pipeline(dtype=dtype, device=device)
         return pipe, {"prompt": args.prompt or TRAINED_PROMPT}, "embedded-flux-digits"
     if args.model != "random":
+        from compact_hooks.integrations.diffusers import model_dir
         from diffusers import DiffusionPipeline
 
-        if not Path(args.model).is_dir():
-            raise FileNotFoundError(f"--model {args.model}: not a directory (a local diffusers pipeline is needed)")
-        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True).to(device)
         name = Path(args.model).name
+        if model_dir.directory_kind(args.model) == "transformer":  # config.json + weights: no text encoders
+            pipe = model_dir.load_model_dir(args.model, dtype=dtype, device=device)
+            embeds = model_dir.read_prompt_embeds(args.prompt_embeds, pipe.transformer) if args.prompt_embeds \
+                else model_dir.random_prompt_embeds(pipe.transformer, n=1, seed=0)
+            return pipe, {k: v.to(device=device, dtype=dtype) for k, v in embeds.items()}, name
+        pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype, local_files_only=True).to(device)
         if args.prompt_embeds:
             prompt = load_prompt_kwargs(args.prompt_embeds, device, dtype)
         else:
@@ -311,6 +339,7 @@ def main(args: argparse.Namespace) -> int:
     from compact_hooks.stats import write_json
 
     cfg = ch.load_config(args.config)
+    note = block_note(args.config)
     rank, world, local_rank, owned = init_distributed(args)
     try:
         device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}") if torch.cuda.is_available() \
@@ -318,6 +347,10 @@ def main(args: argparse.Namespace) -> int:
         dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else (
             torch.bfloat16 if device.type == "cuda" else torch.float32)
         defaults = {None: TRAINED_DEFAULTS, "trained": TRAINED_DEFAULTS, "random": EMBEDDED_DEFAULTS}
+        if args.model not in defaults and transformer_only(args.model):
+            from compact_hooks.integrations.diffusers.model_dir import DEFAULTS as MODEL_DIR_DEFAULTS
+
+            defaults[args.model] = MODEL_DIR_DEFAULTS
         if args.model in defaults:
             for name, value in defaults[args.model].items():
                 if getattr(args, name) is None:
@@ -328,6 +361,8 @@ def main(args: argparse.Namespace) -> int:
             args.steps = default.default if default is not None and isinstance(default.default, int) else 28
         group = dist.group.WORLD if dist.is_initialized() else None
         show = rank == 0
+        if show and note:
+            print(note, file=sys.stderr, flush=True)
 
         reference = ref_latents = None
         ref_seconds = None
