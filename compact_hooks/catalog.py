@@ -62,7 +62,8 @@ def format_rows(rows: list[dict[str, Any]], width: int) -> str:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         text = r["summary"] + (f" [{params}]" if params else "")
         wrapped = textwrap.wrap(text, width=max(width, indent + 20), initial_indent=" " * indent,
-                                subsequent_indent=" " * indent, break_on_hyphens=False) or [""]
+                                subsequent_indent=" " * indent, break_on_hyphens=False,
+                                break_long_words=False) or [""]
         lines.append(r["name"].ljust(indent) + wrapped[0][indent:])
         lines.extend(wrapped[1:])
     return "\n".join(lines)

@@ -109,10 +109,11 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
-    """The parser of ``compact-hooks``; with ``command``, only that subcommand is declared."""
+    """The parser of ``compact-hooks``; with ``command``, only that subcommand is declared (with ``""``, none:
+    enough for ``--version`` and a missing command)."""
     parser = _top_parser()
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    names = [command] if command in SUBCOMMANDS else list(SUBCOMMANDS)
+    names = [command] if command in SUBCOMMANDS else [] if command == "" else list(SUBCOMMANDS)
     for name in names:
         resolve(SUBCOMMANDS[name])(sub)
     return parser
@@ -188,7 +189,10 @@ def run_one(command: str, add_parser: Callable[[argparse._SubParsersAction], obj
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    return dispatch(build_parser(_command_word(args_list)).parse_args(args_list))
+    command = _command_word(args_list)
+    if command is None and not {"-h", "--help"} & set(args_list):
+        command = ""  # --version, or no command: the subcommands' parsers are not needed
+    return dispatch(build_parser(command).parse_args(args_list))
 
 
 if __name__ == "__main__":

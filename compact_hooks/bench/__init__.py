@@ -7,6 +7,7 @@
 * ``quality``: image quality of every method on the trained digits model; ``trace`` (+ ``trace_io``):
   replay of recorded activation traces through the codecs;
 * ``report``: the plot of a ``stats.json`` written by ``compact-hooks run`` (``compact-hooks report``);
+* ``cli_startup``: start-up time of the ``compact-hooks`` command (``bench cli``);
 * ``workload``: the synthetic activation stream; ``options``: the options of the kinds that import torch.
 
 Nothing heavy is imported here: the kinds' options are declared in ``options`` (or in the kind's
@@ -27,12 +28,13 @@ KINDS = {
     "e2e": "compact_hooks.bench.e2e",
     "quality": "compact_hooks.bench.options:add_quality",
     "trace": "compact_hooks.bench.options:add_trace",
+    "cli": "compact_hooks.bench.cli_startup",
 }
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``bench`` and its kinds on the ``compact-hooks`` command's subparsers."""
-    bench = sub.add_parser("bench", help="benchmarks: codecs, drift, scaling, e2e, quality, trace")
+    bench = sub.add_parser("bench", help="benchmarks: codecs, drift, scaling, e2e, quality, trace, cli")
     kinds = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for target in KINDS.values():
         resolve(target)(kinds)
