@@ -283,8 +283,10 @@ class Session:
         self.stats = stats if stats is not None else Stats()
         self.request = 0
         self.step = 0
-        self.keys: dict[str, KeyState] = {}
-        self.auto_key_counts: dict[str, int] = {}
+        self.keys: dict[str, KeyState] = {}  # stream name (see stream()) -> its state
+        # (key, group ranks) -> stream name; kept across requests, so a key keeps its name
+        self.streams: dict[tuple[str, tuple[int, ...]], str] = {}
+        self.auto_key_counts: dict[tuple[str, tuple[int, ...]], int] = {}
         self.checked_groups: set[tuple[int, ...]] = set()
         # (group ranks, key) -> (op, shape, dtype) every rank of the group agreed on; kept across
         # requests, so the check costs one small collective per call site, not one per request
@@ -346,17 +348,34 @@ class Session:
     def reset(self) -> None:
         """Drop all channels and counters."""
         self.keys.clear()
+        self.streams.clear()
         self.agreed_tensors.clear()
         self.verified_headers.clear()
         self.auto_key_counts.clear()
         self.stats.clear()
         self.request = self.step = 0
 
-    def auto_key(self, op: str) -> str:
-        """A key for a call without one: the op and its index among this step's keyless calls."""
-        n = self.auto_key_counts.get(op, 0)
-        self.auto_key_counts[op] = n + 1
+    def auto_key(self, op: str, ranks: tuple[int, ...] = ()) -> str:
+        """A key for a call without one: the op and its index among this step's keyless calls of
+        ``op`` on the group of ``ranks`` (counted per group: a rank's calls on another group do not
+        shift the numbers its peers that are not in that group see)."""
+        n = self.auto_key_counts.get((op, ranks), 0)
+        self.auto_key_counts[(op, ranks)] = n + 1
         return f"{op}#{n}"
+
+    def stream(self, key: str, ranks: tuple[int, ...]) -> str:
+        """The name of the streams of call site ``key`` on the group of global ``ranks``: the key
+        itself on the first group this session uses it on, ``key@0,1,2`` (the group's ranks) on any
+        other. One key on two groups (two models with the same module names) thus keeps separate
+        bases, warm-up and verification per group, as the groups' members differ."""
+        name = self.streams.get((key, ranks))
+        if name is None:
+            taken = set(self.streams.values())
+            name = key if key not in taken else f"{key}@{','.join(map(str, ranks))}"
+            while name in taken:  # a user key that happens to read like a stream name
+                name += "'"
+            self.streams[(key, ranks)] = name
+        return name
 
     # -- channels --------------------------------------------------------------------------------
     def prepare(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
@@ -391,9 +410,15 @@ class Session:
         return self.compressor.is_lossless(dtype)
 
     def request_resync(self, key: str) -> None:
-        """Make the next exchange of ``key`` a full send (on every rank that calls it)."""
-        if key in self.keys:
-            self.keys[key].resync = True
+        """Make the next exchange of ``key`` a full send, on every group this session uses it on
+        (call it on every rank that calls the key)."""
+        for name in {n for (k, _), n in self.streams.items() if k == key} or {key}:
+            self.resync_stream(name)
+
+    def resync_stream(self, name: str) -> None:
+        """Make the next exchange of one stream (a name of :meth:`stream`) a full send."""
+        if name in self.keys:
+            self.keys[name].resync = True
             self.stats.resyncs += 1
 
     def payload_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype, full: bool) -> int:
@@ -411,10 +436,16 @@ class Session:
         return sum(ch.memory_bytes() for st in self.keys.values() for ch in st.channels.values())
 
     def base_digests(self) -> dict[str, str]:
-        """``"key|src->dst": hash`` of every channel base; a stream's entry is equal on all its ranks."""
+        """``"key|src->dst": hash`` of every channel base; a stream's entry is equal on all its ranks.
+        A key this session uses on several groups is written ``key@0,1|src->dst`` for each group."""
+        groups: dict[str, int] = {}
+        for key, _ in self.streams:
+            groups[key] = groups.get(key, 0) + 1
+        shown = {name: key if groups[key] == 1 else f"{key}@{','.join(map(str, ranks))}"
+                 for (key, ranks), name in self.streams.items()}
         out = {}
-        for key, st in self.keys.items():
+        for name, st in self.keys.items():
             for (src, dst), ch in st.channels.items():
                 if ch.base is not None:
-                    out[f"{key}|{src}->{'*' if dst is None else dst}"] = ch.digest()
+                    out[f"{shown.get(name, name)}|{src}->{'*' if dst is None else dst}"] = ch.digest()
         return out

@@ -1,4 +1,10 @@
-"""Counters of a session: raw bytes, wire bytes, full sends, non-finite values, sampled error."""
+"""Counters of a session: raw bytes, wire bytes, full sends, plain calls, non-finite values, sampled error.
+
+Counters are kept per call site and group: a key used on two process groups (two models with the
+same module names) is counted, and its error sampled, per group. ``as_dict`` names an entry by its
+key alone when this rank uses the key on one group, else ``key@0,1,2`` (the group's global ranks)
+for each group.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +22,15 @@ MAX_WARNINGS = 1_000  # warning lines kept in Stats.warnings (the most recent)
 
 @dataclass
 class KeyStats:
-    """Totals of one call site. Bytes are what this rank sends (ring/pairwise algorithms)."""
+    """Totals of one call site on one group. Bytes are what this rank sends (ring/pairwise
+    algorithms). ``full_sends``: compressed calls that sent a full tensor (warm-up, resync, new
+    shape); ``plain_calls``: calls that took the plain collective (non-float or empty tensors, ops
+    not compressed, lossless codecs, "plain" rules, tensors too small to gain)."""
 
     op: str
     calls: int = 0
     full_sends: int = 0
+    plain_calls: int = 0
     raw_bytes: int = 0
     wire_bytes: int = 0
     error_samples: int = 0
@@ -40,7 +50,7 @@ class Stats:
 
     enabled: bool = True
     error_every: int = 0
-    per_key: dict[str, KeyStats] = field(default_factory=dict)
+    per_key: dict[tuple[str, tuple[int, ...]], KeyStats] = field(default_factory=dict)  # (key, group ranks)
     # the most recent steps only: a long-running server must not grow without bound
     per_step: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=MAX_STEPS))
     step_raw: int = 0
@@ -49,17 +59,21 @@ class Stats:
     nonfinite: int = 0  # payloads with NaN/Inf this rank sent or received, of dropped channels
     warnings: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_WARNINGS))
 
-    def key(self, key: str, op: str) -> KeyStats:
-        ks = self.per_key.get(key)
+    def key(self, key: str, op: str, ranks: tuple[int, ...] = ()) -> KeyStats:
+        ks = self.per_key.get((key, ranks))
         if ks is None:
-            ks = self.per_key[key] = KeyStats(op=op)
+            ks = self.per_key[(key, ranks)] = KeyStats(op=op)
         return ks
 
-    def record(self, key: str, op: str, raw_bytes: int, wire_bytes: int, full: bool) -> KeyStats:
-        ks = self.key(key, op)
+    def record(self, key: str, op: str, raw_bytes: int, wire_bytes: int, full: bool,
+               ranks: tuple[int, ...] = (), plain: bool = False) -> KeyStats:
+        """Count one call of ``key`` on the group of global ``ranks``: a full send if ``full``, a
+        plain collective if ``plain``."""
+        ks = self.key(key, op, ranks)
         if self.enabled:
             ks.calls += 1
             ks.full_sends += int(full)
+            ks.plain_calls += int(plain)
             ks.raw_bytes += raw_bytes
             ks.wire_bytes += wire_bytes
             self.step_raw += raw_bytes
@@ -88,13 +102,18 @@ class Stats:
     def as_dict(self) -> dict[str, Any]:
         raw = sum(k.raw_bytes for k in self.per_key.values())
         wire = sum(k.wire_bytes for k in self.per_key.values())
-        per_key = {name: ks.as_dict() for name, ks in self.per_key.items()}
+        groups: dict[str, int] = {}
+        for key, _ in self.per_key:
+            groups[key] = groups.get(key, 0) + 1
+        per_key = {key if groups[key] == 1 else f"{key}@{','.join(map(str, ranks))}": ks.as_dict()
+                   for (key, ranks), ks in self.per_key.items()}
         return {
             "raw_bytes": raw,
             "wire_bytes": wire,
             "compression_ratio": raw / wire if wire else None,
             "calls": sum(k.calls for k in self.per_key.values()),
             "full_sends": sum(k.full_sends for k in self.per_key.values()),
+            "plain_calls": sum(k.plain_calls for k in self.per_key.values()),
             "resyncs": self.resyncs,
             "nonfinite": self.nonfinite,
             "warnings": list(self.warnings),

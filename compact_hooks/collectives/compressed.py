@@ -28,6 +28,7 @@ from .transport import (
     all_to_all_varlen,
     exchange_ring,
     exchange_ring_varlen,
+    group_ranks,
 )
 
 
@@ -57,7 +58,7 @@ def plain_recorded(session: Session, key: str, op: str, x: torch.Tensor, group: 
     """The plain collective of ``op`` (waiting at most the session's ``timeout_s``), recorded in the
     session's stats with raw = wire = its :func:`plain_bytes`."""
     sent = plain_bytes(op, _nbytes(x), group_size(group))
-    session.stats.record(key, op, sent, sent, True)
+    session.stats.record(key, op, sent, sent, False, group_ranks(group), plain=True)
     timeout = session.timeout_s
     if op == "all_gather":
         return all_gather(x, group, dim, timeout)
@@ -90,16 +91,21 @@ def compressed_all_gather(x: torch.Tensor, group: Group, session: Session, key: 
         return plain_recorded(session, key, "all_gather", x, group, dim)
     shape = tuple(x.shape)
     rank = group_rank(group)
-    full = session.prepare(key, shape, x.dtype)
-    payload, _ = session.channel(key, global_rank(group, rank)).encode(x, full)
-    gathered, sent = _gather_payloads(payload, full, session, key, group, x.dtype, x.numel(), f"all_gather of {key!r}")
-    parts = [x if j == rank else session.channel(key, global_rank(group, j)).decode(gathered[j], shape, x.dtype, full)
+    ranks = group_ranks(group)
+    stream = session.stream(key, ranks)  # the key's streams on this group
+    full = session.prepare(stream, shape, x.dtype)
+    payload, _ = session.channel(stream, global_rank(group, rank)).encode(x, full)
+    gathered, sent = _gather_payloads(payload, full, session, stream, group, x.dtype, x.numel(),
+                                      f"all_gather of {stream!r}")
+    parts = [x if j == rank else
+             session.channel(stream, global_rank(group, j)).decode(gathered[j], shape, x.dtype, full)
              for j in range(size)]
-    ks = session.stats.record(key, "all_gather", plain_bytes("all_gather", _nbytes(x), size), (size - 1) * sent, full)
+    ks = session.stats.record(key, "all_gather", plain_bytes("all_gather", _nbytes(x), size), (size - 1) * sent, full,
+                              ranks)
     out = torch.cat(parts, dim=dim)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, out, all_gather(x, group, dim, session.timeout_s))
-    maybe_verify(session, key, group)
+    maybe_verify(session, stream, group)
     return out
 
 
@@ -142,13 +148,15 @@ def compressed_all_to_all(x: torch.Tensor, group: Group, session: Session, key: 
         return plain_recorded(session, key, "all_to_all", x, group)
     chunks = list(x.chunk(size, dim=0))
     chunk_shape = tuple(chunks[0].shape)
-    full = session.prepare(key, chunk_shape, x.dtype)
-    out, sent = _exchange_chunks(chunks, group, session, key, full)
-    ks = session.stats.record(key, "all_to_all", plain_bytes("all_to_all", _nbytes(x), size), sent, full)
+    ranks = group_ranks(group)
+    stream = session.stream(key, ranks)  # the key's streams on this group
+    full = session.prepare(stream, chunk_shape, x.dtype)
+    out, sent = _exchange_chunks(chunks, group, session, stream, full)
+    ks = session.stats.record(key, "all_to_all", plain_bytes("all_to_all", _nbytes(x), size), sent, full, ranks)
     result = torch.cat(out, dim=0)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, result, all_to_all(x, group, session.timeout_s))
-    maybe_verify(session, key, group)
+    maybe_verify(session, stream, group)
     return result
 
 
@@ -186,7 +194,8 @@ def compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: 
     chunks = reduce_chunks(x, size)
     chunk_shape = tuple(chunks[0].shape)
     rank = group_rank(group)
-    key_rs, key_ag = f"{key}:reduce_scatter", f"{key}:all_gather"
+    ranks = group_ranks(group)  # the key's streams on this group:
+    key_rs, key_ag = session.stream(f"{key}:reduce_scatter", ranks), session.stream(f"{key}:all_gather", ranks)
     full = session.prepare(key_rs, chunk_shape, x.dtype)
     received, sent_rs = _exchange_chunks(chunks, group, session, key_rs, full)
     reduced = received[0].float() + received[1].float()  # a new buffer: the rest adds in place
@@ -203,7 +212,7 @@ def compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: 
              for j in range(size)]
     out = torch.cat(parts).reshape(-1)[: x.numel()].reshape(x.shape)
     ks = session.stats.record(key, "all_reduce", plain_bytes("all_reduce", _nbytes(x), size),
-                              sent_rs + (size - 1) * sent_ag, full or full_ag)
+                              sent_rs + (size - 1) * sent_ag, full or full_ag, ranks)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, out, all_reduce(x, group, session.timeout_s))
     maybe_verify(session, key_rs, group)
@@ -223,9 +232,11 @@ def compressed_ring_exchange(x: torch.Tensor, group: Group, session: Session, ke
     rank = group_rank(group)
     nxt, prv = global_rank(group, (rank + 1) % size), global_rank(group, (rank - 1) % size)
     me = global_rank(group, rank)
-    full = session.prepare(key, shape, x.dtype)
-    payload, _ = session.channel(key, me, nxt).encode(x, full)
-    what, sent = f"ring_exchange of {key!r}", payload.numel()
+    ranks = group_ranks(group)
+    stream = session.stream(key, ranks)  # the key's streams on this group
+    full = session.prepare(stream, shape, x.dtype)
+    payload, _ = session.channel(stream, me, nxt).encode(x, full)
+    what, sent = f"ring_exchange of {stream!r}", payload.numel()
     if session.compressor.variable_size and not full:
         recv = exchange_ring_varlen(payload, nxt, prv, group, session.timeout_s, what)
         sent += SIZE_NBYTES
@@ -233,11 +244,12 @@ def compressed_ring_exchange(x: torch.Tensor, group: Group, session: Session, ke
         recv = torch.empty_like(payload)
         exchange_ring(payload, recv, nxt, prv, group, session.timeout_s, what)
         if full:
-            verify_headers(recv.unsqueeze(0), session, key, group, x.dtype, x.numel())
+            verify_headers(recv.unsqueeze(0), session, stream, group, x.dtype, x.numel())
     # a copy: the caller may change the result in place, the channel's base must not change with it
-    out = session.channel(key, prv, me).decode(recv, shape, x.dtype, full).clone()
-    ks = session.stats.record(key, "ring_exchange", plain_bytes("ring_exchange", _nbytes(x), size), sent, full)
+    out = session.channel(stream, prv, me).decode(recv, shape, x.dtype, full).clone()
+    ks = session.stats.record(key, "ring_exchange", plain_bytes("ring_exchange", _nbytes(x), size), sent, full,
+                              ranks)
     if session.stats.wants_error(ks):
         session.stats.record_error(ks, out, plain_ring_exchange(x, group, session.timeout_s))
-    maybe_verify(session, key, group)
+    maybe_verify(session, stream, group)
     return out

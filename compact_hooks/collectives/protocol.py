@@ -127,8 +127,9 @@ def _differing(mine: str, theirs: str) -> str:
 
 
 def maybe_verify(session: Session, key: str, group: Group) -> None:
-    """Every ``verify_every`` exchanges of ``key``: gather a checksum of every base of the key from
-    every rank; where two copies of a stream differ, every rank schedules a full send of the key."""
+    """Every ``verify_every`` exchanges of ``key`` (a stream name of ``Session.stream``, so one
+    group's streams only): gather a checksum of every base of the key from every rank; where two
+    copies of a stream differ, every rank of the group schedules a full send of the key."""
     state = session.keys.get(key)
     if (not session.verify_every or state is None or session.mode == "none"
             or state.exchanges % session.verify_every):
@@ -151,6 +152,6 @@ def maybe_verify(session: Session, key: str, group: Group) -> None:
     mismatch = (held.sum(0) > 1) & (lo != hi)
     if bool(mismatch.any()):
         streams = [f"{ranks[i]}->{'*' if j == size else ranks[j]}" for i, j in mismatch.nonzero().tolist()]
-        session.request_resync(key)
+        session.resync_stream(key)
         session.stats.warn(f"step {session.step}: bases of {key!r} diverged on streams {', '.join(streams)}; "
                            "resynchronised with a full send")

@@ -40,7 +40,7 @@ class CompactHook(CommHook):
         size = C.group_size(call.group)
         if size == 1:
             return x
-        key = call.key if call.key is not None else self.session.auto_key(call.op)
+        key = call.key if call.key is not None else self.session.auto_key(call.op, C.group_ranks(call.group))
         # before the plain path too: ranks that disagree on which ops they compress would pair a
         # compressed collective with a plain one
         C.agree_on_settings(self.session, call.group, self._handshake)
@@ -96,7 +96,8 @@ class CompactHook(CommHook):
                     copy=True)
         size = C.group_size(call.group)
         session.stats.record(key, "all_reduce", C.plain_bytes("all_reduce", x.numel() * x.element_size(), size),
-                             C.plain_bytes("all_reduce", wire.numel() * wire.element_size(), size), False)
+                             C.plain_bytes("all_reduce", wire.numel() * wire.element_size(), size), False,
+                             C.group_ranks(call.group))
         return C.all_reduce_(wire, call.group, session.timeout_s).to(x.dtype)
 
     def begin_request(self) -> None:
