@@ -262,11 +262,13 @@ def summarize(all_stats: list[dict[str, Any]]) -> dict[str, Any]:
     for s in all_stats:
         for key, ks in (s.get("per_key") or {}).items():
             entry = layers.setdefault(layer_of(key), {"layer": layer_of(key), "raw_bytes": 0, "wire_bytes": 0,
-                                                      "calls": 0, "full_sends": 0, "_err": []})
+                                                      "calls": 0, "full_sends": 0, "plain_calls": 0,
+                                                      "_err": []})
             entry["raw_bytes"] += int(ks.get("raw_bytes", 0))
             entry["wire_bytes"] += int(ks.get("wire_bytes", 0))
             entry["calls"] += int(ks.get("calls", 0))
-            entry["full_sends"] += int(ks.get("full_sends", 0))
+            entry["full_sends"] += int(ks.get("full_sends", 0))  # compressed calls sent in full
+            entry["plain_calls"] += int(ks.get("plain_calls", 0))  # calls that took the plain collective
             if ks.get("rel_error") is not None:
                 entry["_err"].append(float(ks["rel_error"]))
     per_layer = []
