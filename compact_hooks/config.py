@@ -9,7 +9,7 @@ Example block::
         "warmup_steps": 1,
         "collectives": ["all_to_all", "all_gather", "all_reduce"],
         "base_dtype": "input",
-        "warmup_compressor": null,
+        "warmup_compressor": "int8",
         "rules": [],
         "stats": {"enabled": true}
     }
@@ -18,6 +18,7 @@ Example block::
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 from typing import Any, Literal, Mapping, Optional, Union
@@ -62,7 +63,8 @@ class CompactConfig(_Block):
     cast_dtype: Literal["float16", "bfloat16"] = "bfloat16"
     verify_every: int = Field(0, ge=0)
     timeout_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)
-    warmup_compressor: Optional[Union[str, dict[str, Any]]] = None
+    # full sends as int8 by default: few-step samplers otherwise pay most of their bytes in the first step
+    warmup_compressor: Optional[Union[str, dict[str, Any]]] = "int8"
     kernels: Literal["auto", "torch", "triton"] = "auto"  # see compact_hooks/kernels/dispatch.py
     rules: list[Rule] = Field(default_factory=list)
     links: Literal["all", "inter_host"] = "all"
@@ -157,13 +159,51 @@ def parse_block(block: Any) -> CompactConfig:
                          last_is_key=err["type"] == "invalid_key")
         message = err["msg"]
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(sorted(CompactConfig.model_fields)) if len(err["loc"]) == 1 else None
-            message = "unknown key" + (f"; known keys: {allowed}" if allowed else "")
+            known = _known_keys(tuple(p for p in err["loc"] if not str(p).startswith(("function-", "union["))))
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1, cutoff=0.7)
+            message = "unknown key" + (f"; did you mean {close[0]!r}?" if close else "") + \
+                (f"; known keys: {', '.join(known)}" if known else "")
             if len(err["loc"]) == 1 and block.get("compact_hooks") is None and _looks_like_deepspeed(block):
                 message += "; this looks like a whole DeepSpeed config: put the settings in its \"compact_hooks\" block"
         elif "input" in err and err["type"] != "missing":
             message += f" (got {err['input']!r})"
         raise ConfigError(path, message) from None
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed next to the unknown key at ``loc`` (a pydantic error location), sorted."""
+    model: Any = CompactConfig
+    for item in loc[:-1]:
+        if isinstance(item, int) or model is None:
+            continue
+        field = model.model_fields.get(str(item))
+        candidates = [field.annotation] if field is not None else []
+        model = None
+        while candidates:  # Optional[list[Rule]] -> Rule
+            typ = candidates.pop()
+            if isinstance(typ, type) and issubclass(typ, BaseModel):
+                model = typ
+                break
+            candidates.extend(getattr(typ, "__args__", ()))
+    return sorted(model.model_fields) if model is not None else []
+
+
+def misspelt_block(data: Mapping[str, Any]) -> Optional[str]:
+    """A top-level key of a DeepSpeed-style config that looks like a misspelt ``"compact_hooks"``
+    (``compact_hook``, ``compactHooks``, ``compact-hooks``), when the real block is absent."""
+    if BLOCK in data:
+        return None
+    names = {str(k).lower().replace("-", "_"): str(k) for k in data if str(k) not in CompactConfig.model_fields}
+    close = difflib.get_close_matches(BLOCK, list(names), n=1, cutoff=0.8)
+    return names[close[0]] if close else None
+
+
+def check_block_name(data: Mapping[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming both spellings when ``data`` holds a misspelt block."""
+    wrong = misspelt_block(data)
+    if wrong is not None:
+        raise ConfigError(wrong, f"unknown block; did you mean \"{BLOCK}\"? (without it the settings would be "
+                                 f"ignored: rename the block to \"{BLOCK}\")")
 
 
 def _looks_like_deepspeed(mapping: Mapping[str, Any]) -> bool:
@@ -210,6 +250,7 @@ def load_config(source: Union[str, os.PathLike[str], Mapping[str, Any], CompactC
     data = read_json(source) if isinstance(source, (str, os.PathLike)) else source
     if not isinstance(data, Mapping):
         raise ConfigError(BLOCK, f"expected a path or a mapping; got {type(source).__name__}")
+    check_block_name(data)
     block = data[BLOCK] if BLOCK in data else data
     return parse_block(block)
 

@@ -101,7 +101,8 @@ def nan_section(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for op in OPS:
         for inject in (False, True):
-            hook, plain = ch.CompactHook({"compressor": "int2", "residual": "ef", "timeout_s": 30}), ch.PassthroughHook()
+            hook, plain = ch.CompactHook({"compressor": "int2", "residual": "ef", "timeout_s": 30,  # full sends exact
+                                          "warmup_compressor": None}), ch.PassthroughHook()
             steps = []
             for step in range(NAN_STEPS):
                 x = inputs(rank, step, shape, seed=2)
@@ -168,7 +169,8 @@ def shape_plan(world: int) -> list[tuple[int, int, tuple[int, ...], torch.dtype]
 def shapes_section(rank: int, world: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for op in OPS:
-        hook, plain = ch.CompactHook({"compressor": "int2", "timeout_s": 30}), ch.PassthroughHook()
+        hook = ch.CompactHook({"compressor": "int2", "timeout_s": 30, "warmup_compressor": None})  # full sends exact
+        plain = ch.PassthroughHook()
         rows = []
         request = 0
         for req, step, shape, dtype in shape_plan(world):
@@ -358,7 +360,7 @@ def rss_bytes() -> int:
 def soak_worker(rank: int, world: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     shape = (2 * world, 96)
-    config = {"compressor": "int2", "residual": "ef", "timeout_s": 30, "verify_every": 2}
+    config = {"compressor": "int2", "residual": "ef", "timeout_s": 30, "verify_every": 2, "warmup_compressor": None}
     hook = ch.CompactHook(config)
     plain = ch.PassthroughHook()
     memory, rss, mismatched, first_exact = [], [], [], []

@@ -72,7 +72,8 @@ def lossy_worker(rank: int, world: int) -> dict:
     out = {}
     for i, (spec, residual, _) in enumerate(LOSSY):
         for dtype in dtypes_for(spec, residual):
-            hook = ch.CompactHook({"compressor": spec, "residual": residual, "warmup_steps": 1})
+            hook = ch.CompactHook({"compressor": spec, "residual": residual, "warmup_steps": 1,
+                                    "warmup_compressor": None})  # full sends: the raw bytes, exact
             plain = ch.PassthroughHook()
             errors = {op: [] for op in OPS}
             for step in range(STEPS):

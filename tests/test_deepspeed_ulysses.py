@@ -206,7 +206,7 @@ def _check_lossy(group: Any, rank: int, codec: str) -> dict[str, Any]:
 
     size = torch.distributed.get_world_size(group)
     shape = (1, 16, 4, 16)
-    hook = ch.CompactHook({"compressor": codec, "residual": "ef", "warmup_steps": 1})
+    hook = ch.CompactHook({"compressor": codec, "residual": "ef", "warmup_steps": 1, "warmup_compressor": None})
     lossy = CompactDistributedAttention(_sdpa(0), group, 2, 1, key="attn", hook=hook)
     exact = CompactDistributedAttention(_sdpa(0), group, 2, 1, key="attn", hook=ch.PassthroughHook())
     errors, wire, raw, grad_equal = [], [], [], True

@@ -134,7 +134,8 @@ def link_worker(rank: int, world: int, fake_hosts: bool = True) -> dict:
     out["world_class"] = topo.link_class(None)
     out["exchanges"] = topo.exchanges  # the sub-groups are derived from the world's hostnames
 
-    hook = LinkAwareHook(CompactHook({"compressor": "int2", "residual": "ef", "warmup_steps": 1}), PassthroughHook(),
+    hook = LinkAwareHook(CompactHook({"compressor": "int2", "residual": "ef", "warmup_steps": 1, "warmup_compressor": None}),
+                         PassthroughHook(),
                          topo)
     gen = torch.Generator().manual_seed(1234)
     x = torch.randn(2, 64, 32, generator=gen) + rank

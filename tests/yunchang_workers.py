@@ -104,7 +104,7 @@ def _ef_run(rank: int, world: int, hook_yunchang: Any, steps: int = 6) -> dict[s
     from yunchang.kernels import AttnType
 
     attn = LongContextAttention(ring_impl_type="basic_pytorch", attn_type=AttnType.TORCH_FLASH)
-    hook = CompactHook({"compressor": "int2", "residual": "ef", "warmup_steps": 1})
+    hook = CompactHook({"compressor": "int2", "residual": "ef", "warmup_steps": 1, "warmup_compressor": None})
     errors = []
     for step in range(steps):
         ql, kl, vl = (_shard(x, rank, world) for x in _inputs(step))

@@ -36,15 +36,16 @@ import torch
 COLLECTIVES = ["all_gather", "all_to_all", "ring_exchange"]
 LOWRANK = {"name": "lowrank"}  # the codec's defaults: rank 32, fp16 factors
 LOWRANK_SMALL = {"name": "lowrank", "rank": 4, "factor_bits": 8}
-# (name, hook config); every compact config sends the first step in full (warmup_steps 1)
+# (name, hook config); every compact config has one warm-up step (warmup_steps 1), sent as int8 (the
+# default warmup_compressor) unless it says otherwise
 METHODS: list[tuple[str, dict[str, Any]]] = [
     ("uncompressed", {"hook": "passthrough"}),
     ("stale", {"hook": "stale"}),
     ("naive int2", {"compressor": "int2", "residual": "none"}),
     ("delta int2", {"compressor": "int2", "residual": "delta"}),
     ("compact int1", {"compressor": "int1", "residual": "ef"}),
-    ("compact int2", {"compressor": "int2", "residual": "ef"}),
-    ("compact int2 warm-up int8", {"compressor": "int2", "residual": "ef", "warmup_compressor": "int8"}),
+    ("compact int2", {"compressor": "int2", "residual": "ef"}),  # the default first step: int8
+    ("compact int2 full first step", {"compressor": "int2", "residual": "ef", "warmup_compressor": None}),
     ("compact auto", {"compressor": {"name": "auto", "target_rel_error": 0.06}, "residual": "ef"}),
     ("compact int2cf", {"compressor": "int2cf", "residual": "ef"}),
     ("compact int4", {"compressor": "int4", "residual": "ef"}),

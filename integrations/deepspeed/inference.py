@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 import compact_hooks as ch
-from compact_hooks.config import BLOCK, CompactConfig, read_json
+from compact_hooks.config import BLOCK, CompactConfig, check_block_name, read_json
 
 from .autotp import attach_tensor_parallel
 from .groups import Group, GroupMPU, consecutive_groups, init_distributed
@@ -41,8 +41,10 @@ def ds_config_without_block(config: ConfigSource) -> dict[str, Any]:
 
 def compact_config(config: ConfigSource) -> CompactConfig:
     """The validated ``"compact_hooks"`` block of a DeepSpeed config. A config without the block
-    gets ``enabled: false`` (plain collectives), as DeepSpeed treats a missing feature block."""
+    gets ``enabled: false`` (plain collectives), as DeepSpeed treats a missing feature block; a
+    misspelt block (``"compact_hook"``) raises :class:`~compact_hooks.ConfigError` naming both."""
     data = _as_dict(config)
+    check_block_name(data)
     return ch.load_config(data) if BLOCK in data else CompactConfig(enabled=False)
 
 
