@@ -125,7 +125,8 @@ class Channel:
                 residual = x.float() - self.previous_x.float()
                 self.previous_x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
             else:
-                residual = x.float() - self._predict()
+                planned = self.codec_state.pop("residual", None)  # see residual()
+                residual = planned[1] if planned is not None and planned[0] is x else x.float() - self._predict()
             if self.compressor.wants_activation_norm:
                 self.codec_state["activation_norm"] = torch.linalg.vector_norm(x, dtype=torch.float32)
             clean, flag = _clean(residual, owned=True)
@@ -134,6 +135,13 @@ class Channel:
         payload[FLAGS_BYTE] = flag.to(torch.uint8)
         self._count(flag)
         return payload, _poison_if(recon, flag)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The float32 residual (``ef``/``ef2``) the next compressed :meth:`encode` of ``x`` sends, kept
+        for it: a codec that sizes each call (``auto``) plans every stream of a collective first."""
+        r = x.float() - self._predict()
+        self.codec_state["residual"] = (x, r)
+        return r
 
     def _encode_warmup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A lossy full send: the warm-up codec encodes ``x`` itself; the base is the decoded tensor."""

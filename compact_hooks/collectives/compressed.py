@@ -109,6 +109,17 @@ def compressed_all_gather(x: torch.Tensor, group: Group, session: Session, key: 
     return out
 
 
+def _plan_levels(session: Session, key: str, me: int, streams: list[tuple[int, torch.Tensor]]) -> None:
+    """A codec that sizes each call (``auto``): the sizes of all ``(destination, chunk)`` streams of
+    one exchange, chosen with one host read before their encodes (each would read its own)."""
+    if session.mode not in ("ef", "ef2"):
+        return
+    channels = [session.channel(key, me, dst) for dst, _ in streams]
+    session.compressor.plan([ch.codec_state for ch in channels],
+                            [ch.residual(chunk) for ch, (_, chunk) in zip(channels, streams)],
+                            [chunk for _, chunk in streams])
+
+
 def _exchange_chunks(chunks: list[torch.Tensor], group: Group, session: Session, key: str,
                      full: bool) -> tuple[list[torch.Tensor], int]:
     """Send ``chunks[j]`` to rank ``j`` as compressed residuals; return the received chunks
@@ -116,6 +127,8 @@ def _exchange_chunks(chunks: list[torch.Tensor], group: Group, session: Session,
     size = group_size(group)
     rank = group_rank(group)
     me = global_rank(group, rank)
+    if session.compressor.variable_size and not full:
+        _plan_levels(session, key, me, [(global_rank(group, j), c) for j, c in enumerate(chunks) if j != rank])
     payloads = [None if j == rank else session.channel(key, me, global_rank(group, j)).encode(chunk, full)[0]
                 for j, chunk in enumerate(chunks)]
     shape, dtype = tuple(chunks[0].shape), chunks[0].dtype

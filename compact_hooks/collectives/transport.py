@@ -147,7 +147,12 @@ SIZE_NBYTES = 8  # one int64 length per payload, counted in the wire bytes
 
 
 def _lengths(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64).to(device)
+    """``values`` as an int64 tensor on ``device``, written by fill kernels: no tensor made from host
+    data, hence no pageable host-to-device copy (nor the sync of ``t[i] = v``) on a GPU."""
+    out = torch.empty(len(values), dtype=torch.int64, device=device)
+    for i, value in enumerate(values):
+        out[i:i + 1].fill_(value)
+    return out
 
 
 def all_gather_varlen(payload: torch.Tensor, group: Group, timeout_s: Optional[float], what: str) -> list[torch.Tensor]:

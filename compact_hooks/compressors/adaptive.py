@@ -9,6 +9,10 @@ target the call sends only a header ("skip": the base stays, error feedback carr
 into the next step). Payload sizes therefore vary per call: :attr:`variable_size` tells the
 collectives to exchange sizes first, and :meth:`payload_nbytes` is the largest possible size.
 
+Host reads: the level is chosen on the device and read once per encode, or, through :meth:`plan`,
+once for all the streams of a collective; a receiver knows the level from the payload's length
+(read from the header only when two levels of a shape have the same size).
+
 Wire: the common 16-byte header, whose byte 6 holds the level (0 = skip, else 1 + ladder index),
 then the chosen codec's body.
 """
@@ -67,6 +71,27 @@ class AdaptiveCompressor(Compressor):
         """Payload bytes of ``level`` (0: skip)."""
         return HEADER_NBYTES + (0 if level == 0 else self.levels[level - 1].body_nbytes(shape, dtype))
 
+    def levels_on_device(self, residual_norms: torch.Tensor, activation_norms: torch.Tensor) -> torch.Tensor:
+        """:meth:`choose` for 1-D tensors of norms, on their device (int64 levels; non-finite: the finest)."""
+        target = self.target_rel_error
+        rel = torch.where(activation_norms > 0, residual_norms / activation_norms,
+                          torch.where(residual_norms == 0, 0.0, float("inf")))
+        rel = torch.nan_to_num(rel, nan=float("inf"))
+        # the ladder runs from the coarsest level: the ones too coarse for ``rel`` are a prefix
+        too_coarse = sum((rel * TYPICAL_ERROR[name] > target).to(torch.int64) for name in self.ladder)
+        return torch.where(rel <= target, 0, (too_coarse + 1).clamp_max(len(self.ladder)))
+
+    def plan(self, states: list[dict[str, Any]], residuals: list[torch.Tensor],
+             activations: list[torch.Tensor]) -> None:
+        """Choose the levels of several streams of one collective with one host read: ``states[i]["level"]``
+        is then what :meth:`encode` of ``residuals[i]`` (the residual of ``activations[i]``) sends."""
+        if not states:
+            return
+        rn = torch.stack([torch.linalg.vector_norm(r, dtype=torch.float32) for r in residuals])
+        an = torch.stack([torch.linalg.vector_norm(x, dtype=torch.float32) for x in activations])
+        for state, level in zip(states, self.levels_on_device(rn, an).tolist()):
+            state["level"] = level
+
     def choose(self, residual_norm: float, activation_norm: float) -> int:
         """The level for a residual of ``residual_norm`` on an activation of ``activation_norm``."""
         rel = residual_norm / activation_norm if activation_norm > 0 else (0.0 if residual_norm == 0 else float("inf"))
@@ -78,14 +103,20 @@ class AdaptiveCompressor(Compressor):
         return len(self.ladder)
 
     def encode(self, x: torch.Tensor, state: dict[str, Any] | None = None) -> torch.Tensor:
-        """Compress ``x`` at the level its size asks for (one host read of two norms)."""
+        """Compress ``x`` at the level :meth:`plan` chose for it, else at the level its size asks for
+        (one host read); without ``state["activation_norm"]``, at the finest level."""
         check_float(x, "compressor 'auto'")
-        reference = (state or {}).get("activation_norm")
-        residual_norm = float(torch.linalg.vector_norm(x.float())) if x.numel() else 0.0
-        activation_norm = float(reference) if reference is not None else residual_norm
-        level = self.choose(residual_norm, activation_norm) if reference is not None else len(self.ladder)
+        state = state if state is not None else {}
+        level, reference = state.pop("level", None), state.get("activation_norm")
+        if level is None and reference is not None and x.numel():
+            residual_norm = torch.linalg.vector_norm(x, dtype=torch.float32).view(1)
+            if not isinstance(reference, torch.Tensor):
+                reference = torch.full((), float(reference), device=x.device)
+            level = int(self.levels_on_device(residual_norm, reference.float().view(1)))
+        elif level is None:
+            level = 0 if reference is not None else len(self.ladder)
         header = self.device_cache.header(PayloadKind.COMPRESSED, x.dtype, self.fingerprint, x.numel(), x.device).clone()
-        header[LEVEL_BYTE] = level
+        header[LEVEL_BYTE:LEVEL_BYTE + 1].fill_(level)  # a fill kernel (``header[i] = v`` syncs on a GPU)
         if level == 0:
             return header
         return torch.cat([header, *(as_bytes(f) for f in self.levels[level - 1].encode_body(x, state))])
@@ -94,11 +125,16 @@ class AdaptiveCompressor(Compressor):
         raise NotImplementedError("AdaptiveCompressor writes its own header: use encode()")
 
     def decode(self, payload: torch.Tensor, shape: Any, dtype: torch.dtype) -> torch.Tensor:
-        """Decode at the level in the header (one host read of that byte)."""
-        level = int(payload[LEVEL_BYTE])
+        """Decode at the level the payload's length tells (the header's level byte, a host read, only
+        where two levels of ``shape`` have the same size)."""
+        shape = tuple(shape)
+        sizes = [self.level_nbytes(level, shape, dtype) for level in range(len(self.levels) + 1)]
+        if sizes.count(payload.numel()) == 1:
+            level = sizes.index(payload.numel())
+        else:
+            level = int(payload[LEVEL_BYTE])
         if level > len(self.levels):
             raise ValueError(f"payload of 'auto' names level {level}; this ladder has {len(self.levels)}")
-        shape = tuple(shape)
         if level == 0:
             return torch.zeros(shape, dtype=dtype, device=payload.device)
         return self.levels[level - 1].decode_body(payload[HEADER_NBYTES:], shape, dtype)

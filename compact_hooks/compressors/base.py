@@ -105,6 +105,13 @@ class Compressor(ABC):
             raise AssertionError(f"{self!r} wrote {payload.numel()} bytes, declared {expected}")
         return payload
 
+    def plan(self, states: list[dict[str, Any]], residuals: list[torch.Tensor],
+             activations: list[torch.Tensor]) -> None:
+        """Before the encodes of one collective, for codecs that size each call (``variable_size``):
+        choose what each stream sends, ``residuals[i]`` being the residual of ``activations[i]``, with
+        at most one host read for all of them, and leave the choice in ``states[i]`` (the stream's
+        state, passed to its ``encode``). Default: nothing."""
+
     def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
         """A RAW payload of ``x`` (full sends) under this codec's fingerprint."""
         return encode_raw(x, self._fingerprint, self.device_cache)
