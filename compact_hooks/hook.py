@@ -182,10 +182,9 @@ class WrappingHook(CommHook):
 
 def plain_collective(call: CollectiveCall, timeout_s: Optional[float] = None) -> torch.Tensor:
     """Run ``call`` with plain torch.distributed (waiting at most ``timeout_s`` for peers)."""
-    if call.op == "all_gather":
-        return C.all_gather(call.tensor, call.group, call.dim, timeout_s)
-    if call.op == "all_to_all":
-        return C.all_to_all(call.tensor, call.group, timeout_s)
-    if call.op == "all_reduce":
-        return C.all_reduce(call.tensor, call.group, timeout_s)
-    return C.ring_exchange(call.tensor, call.group, timeout_s)
+    return start_plain_collective(call, timeout_s).wait()
+
+
+def start_plain_collective(call: CollectiveCall, timeout_s: Optional[float] = None) -> CollectiveWork:
+    """Start ``call`` with plain torch.distributed; ``wait()`` the work (at most ``timeout_s`` for peers)."""
+    return C.start_plain(call.op, call.tensor, call.group, call.dim, timeout_s)

@@ -5,7 +5,10 @@
 * :mod:`.compressed`: the same collectives moving codec payloads through a
   :class:`~compact_hooks.residual.Session`'s channels;
 * :mod:`.protocol`: the settings handshake, header checks and base verification;
-* :mod:`.transport`: waiting with a timeout and the byte-level exchanges.
+* :mod:`.transport`: waiting with a timeout and the byte-level exchanges;
+* :mod:`.transfer`: a wire stage in flight (async ops started under the timeout, waited once).
+
+Every plain collective has a ``start_*`` form returning a :class:`~compact_hooks.work.CollectiveWork`.
 
 A group of size 1 returns at once.
 """
@@ -30,6 +33,13 @@ from .plain import (
     group_size,
     plain_bytes,
     ring_exchange,
+    ring_ops,
+    start_all_gather,
+    start_all_reduce,
+    start_all_reduce_,
+    start_all_to_all,
+    start_plain,
+    start_ring_exchange,
 )
 from .protocol import (
     SETTINGS_NBYTES,
@@ -40,6 +50,7 @@ from .protocol import (
     raise_if_any,
     verify_headers,
 )
+from .transfer import Transfer, start_transfer
 from .transport import (
     Group,
     all_gather_bytes,
@@ -58,5 +69,6 @@ __all__ = [
     "compressed_all_reduce", "compressed_all_to_all", "compressed_ring_exchange", "device_of", "exchange_ring", "gather_texts",
     "global_rank", "group_rank", "group_ranks", "group_size", "header_problem", "maybe_verify", "plain_bytes",
     "plain_is_cheaper", "plain_recorded", "raise_if_any", "reduce_chunks", "ring_exchange", "transport_timeout",
-    "verify_headers", "wait",
+    "verify_headers", "wait", "Transfer", "ring_ops", "start_all_gather", "start_all_reduce", "start_all_reduce_",
+    "start_all_to_all", "start_plain", "start_ring_exchange", "start_transfer",
 ]

@@ -7,8 +7,9 @@ from typing import Any, Optional
 import torch
 
 from .. import collectives as C
-from ..hook import CollectiveCall, CommHook, plain_collective
+from ..hook import CollectiveCall, CommHook, start_plain_collective
 from ..stats import Stats
+from ..work import CollectiveWork
 
 
 class _CountedHook(CommHook):
@@ -22,25 +23,44 @@ class _CountedHook(CommHook):
         self.auto_counts: dict[str, int] = {}
         self.step = self.request = 0
 
-    def _record(self, call: CollectiveCall, raw_elem_bytes: int, wire_elem_bytes: int) -> None:
+    def _key(self, call: CollectiveCall) -> str:
+        """The call's key (``op#n`` for the n-th keyless call of ``op`` this step)."""
+        if call.key is not None:
+            return call.key
+        n = self.auto_counts.get(call.op, 0)
+        self.auto_counts[call.op] = n + 1
+        return f"{call.op}#{n}"
+
+    def _track(self, call: CollectiveCall, key: str, work: CollectiveWork, raw_elem_bytes: int,
+               wire_elem_bytes: int) -> CollectiveWork:
+        """Count the call's bytes when its work is decoded; one outstanding work per key and group."""
         size = C.group_size(call.group)
-        if size == 1:
-            return
-        key = call.key
-        if key is None:
-            n = self.auto_counts.get(call.op, 0)
-            self.auto_counts[call.op] = n + 1
-            key = f"{call.op}#{n}"
         numel = call.tensor.numel()
-        self.stats_.record(key, call.op, C.plain_bytes(call.op, numel * raw_elem_bytes, size),
-                           C.plain_bytes(call.op, numel * wire_elem_bytes, size), False, plain=True)
+
+        def finish() -> torch.Tensor:
+            out = work.wait()
+            self.stats_.record(key, call.op, C.plain_bytes(call.op, numel * raw_elem_bytes, size),
+                               C.plain_bytes(call.op, numel * wire_elem_bytes, size), False, plain=True)
+            return out
+        tracked = CollectiveWork([work], finish, call.tensor.device)
+        return self.outstanding().add((key, C.group_ranks(call.group)), tracked, key)
+
+    def _begin(self, call: CollectiveCall) -> Optional[str]:
+        """The key of a call on a group of several ranks (checked free), else ``None``."""
+        if C.group_size(call.group) == 1:
+            return None
+        key = call.key if call.key is not None else f"{call.op}#{self.auto_counts.get(call.op, 0)}"
+        self.outstanding().check_free((key, C.group_ranks(call.group)), key)
+        return self._key(call)
 
     def next_step(self) -> None:
+        self.check_idle("next_step()")
         self.stats_.end_step(self.request, self.step)
         self.step += 1
         self.auto_counts.clear()
 
     def begin_request(self) -> None:
+        self.check_idle("begin_request()")
         if self.step:
             self.stats_.end_step(self.request, self.step)
         self.request += 1
@@ -48,6 +68,7 @@ class _CountedHook(CommHook):
         self.auto_counts.clear()
 
     def reset(self) -> None:
+        self.check_idle("reset()")
         self.stats_.clear()
         self.auto_counts.clear()
         self.step = self.request = 0
@@ -65,10 +86,12 @@ class PassthroughHook(_CountedHook):
 
     name = "passthrough"
 
-    def __call__(self, call: CollectiveCall) -> torch.Tensor:
-        out = plain_collective(call, self.timeout_s)
-        self._record(call, call.tensor.element_size(), call.tensor.element_size())
-        return out
+    def start(self, call: CollectiveCall) -> CollectiveWork:
+        key = self._begin(call)
+        if key is None:
+            return CollectiveWork.completed(call.tensor)
+        work = start_plain_collective(call, self.timeout_s)
+        return self._track(call, key, work, call.tensor.element_size(), call.tensor.element_size())
 
 
 class CastHook(_CountedHook):
@@ -82,16 +105,18 @@ class CastHook(_CountedHook):
         super().__init__(timeout_s)
         self.dtype = dtype
 
-    def __call__(self, call: CollectiveCall) -> torch.Tensor:
+    def start(self, call: CollectiveCall) -> CollectiveWork:
         x = call.tensor
+        key = self._begin(call)
+        if key is None:
+            return CollectiveWork.completed(x)
         if not x.is_floating_point() or x.dtype == self.dtype:
-            out = plain_collective(call, self.timeout_s)
-            self._record(call, x.element_size(), x.element_size())
-            return out
-        self._record(call, x.element_size(), torch.empty((), dtype=self.dtype).element_size())
-        if C.group_size(call.group) == 1:
-            return x
+            return self._track(call, key, start_plain_collective(call, self.timeout_s), x.element_size(),
+                               x.element_size())
         wire = x.to(self.dtype, memory_format=torch.contiguous_format)
         if call.op == "all_reduce":  # the cast is already a private buffer: reduce it in place
-            return C.all_reduce_(wire, call.group, self.timeout_s).to(x.dtype)
-        return plain_collective(CollectiveCall(call.op, wire, call.group, call.key, call.dim), self.timeout_s).to(x.dtype)
+            inner = C.start_all_reduce_(wire, call.group, self.timeout_s)
+        else:
+            inner = start_plain_collective(CollectiveCall(call.op, wire, call.group, call.key, call.dim), self.timeout_s)
+        work = CollectiveWork([inner], lambda: inner.wait().to(x.dtype), x.device)
+        return self._track(call, key, work, x.element_size(), torch.empty((), dtype=self.dtype).element_size())

@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from .. import collectives as C
-from ..hook import CollectiveCall, CommHook, plain_collective
+from ..hook import CollectiveCall, CommHook, start_plain_collective
 from ..stats import Stats
+from ..work import CollectiveWork
 
 
 @dataclass
 class _StaleEntry:
-    work: Any
+    transfer: C.Transfer  # waited once: a gloo send/recv work must not be waited on twice
     buffer: torch.Tensor
     local: torch.Tensor
-    done: bool = False
 
-    def wait(self, timeout_s: Optional[float] = None) -> None:
-        """Wait once: a gloo send/recv work must not be waited on twice."""
-        if not self.done:
-            C.wait(self.work, timeout_s, "the stale exchange")
-            self.done = True
+    def wait(self) -> None:
+        self.transfer.wait()
 
 
 class StaleHook(CommHook):
@@ -47,65 +44,62 @@ class StaleHook(CommHook):
         self.request = 0
         self.timeout_s = timeout_s
 
-    def __call__(self, call: CollectiveCall) -> torch.Tensor:
+    def start(self, call: CollectiveCall) -> CollectiveWork:
+        """Warm-up steps: the exact exchange. Later steps: this step's exchange is started, and the
+        work's ``wait()`` returns the previous step's (waiting for it if it is still in flight)."""
         x = call.tensor
         size = C.group_size(call.group)
         if size == 1:
-            return x
+            return CollectiveWork.completed(x)
         if call.op == "all_to_all":
             C.check_rows(x, size)
+        key = call.key if call.key is not None else f"{call.op}#{self.auto_counts.get(call.op, 0)}"
+        slot = (key, C.group_ranks(call.group))
+        self.outstanding().check_free(slot, key)
         if call.key is None:
-            n = self.auto_counts.get(call.op, 0)
-            self.auto_counts[call.op] = n + 1
-            key = f"{call.op}#{n}"
-        else:
-            key = call.key
+            self.auto_counts[call.op] = self.auto_counts.get(call.op, 0) + 1
         sent = C.plain_bytes(call.op, x.numel() * x.element_size(), size)
         self.stats_.record(key, call.op, sent, sent, False)
         count = self.exchanges.get(key, 0)
         self.exchanges[key] = count + 1
         previous = self.pending.pop(key, None)
         if previous is not None and previous.local.shape != x.shape:
-            previous.wait(self.timeout_s)
+            previous.wait()
             previous = None
         if count < self.warmup_steps or previous is None:
             if previous is not None:
-                previous.wait(self.timeout_s)
+                previous.wait()
             if count + 1 < self.warmup_steps:
-                return plain_collective(call, self.timeout_s)
+                return self.outstanding().add(slot, start_plain_collective(call, self.timeout_s), key)
             # the last exact step: its exchange is also the stale data of the next step
-            entry = self._start(call, x, size)
-            entry.wait(self.timeout_s)
-            self.pending[key] = entry
-            return self._exact(call, entry)
-        previous.wait(self.timeout_s)
-        stale = self._assemble(call, previous, x, size)
+            entry = self.pending[key] = self._start(call, x, size)
+            work = CollectiveWork([entry.transfer], lambda: self._exact(call, entry), x.device)
+            return self.outstanding().add(slot, work, key)
         self.pending[key] = self._start(call, x, size)
-        return stale
+        work = CollectiveWork([previous.transfer], lambda: self._assemble(call, previous, x, size), x.device)
+        return self.outstanding().add(slot, work, key)
 
     def _start(self, call: CollectiveCall, x: torch.Tensor, size: int) -> _StaleEntry:
         x = x.clone(memory_format=torch.contiguous_format)  # the send outlives the call: never the caller's buffer
-        with C.transport_timeout(call.group, self.timeout_s):  # a hung peer must not block the exit either
-            buf, work = self._enqueue(call, x, size)
-        return _StaleEntry(work, buf, x)
+        buf, enqueue = self._enqueue(call, x, size)
+        # a hung peer must not block the exit either: gloo gives up after timeout_s too
+        return _StaleEntry(C.start_transfer(enqueue, call.group, self.timeout_s, "the stale exchange"), buf, x)
 
     @staticmethod
-    def _enqueue(call: CollectiveCall, x: torch.Tensor, size: int) -> tuple[torch.Tensor, Any]:
+    def _enqueue(call: CollectiveCall, x: torch.Tensor, size: int) -> tuple[torch.Tensor, Callable[[], Any]]:
+        """The receive buffer and the function that enqueues the async exchange into it."""
         if call.op == "all_gather":
             buf = torch.empty((size, *x.shape), dtype=x.dtype, device=x.device)
             fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            return buf, fn(buf.view(-1), x.view(-1), group=call.group, async_op=True)
+            return buf, lambda: fn(buf.view(-1), x.view(-1), group=call.group, async_op=True)
         if call.op == "all_to_all":
             buf = torch.empty_like(x)
-            return buf, dist.all_to_all_single(buf, x, group=call.group, async_op=True)
+            return buf, lambda: dist.all_to_all_single(buf, x, group=call.group, async_op=True)
         if call.op == "all_reduce":
             buf = x.clone()
-            return buf, dist.all_reduce(buf, group=call.group, async_op=True)
-        rank = C.group_rank(call.group)
+            return buf, lambda: dist.all_reduce(buf, group=call.group, async_op=True)
         buf = torch.empty_like(x)
-        ops = [dist.P2POp(dist.isend, x, C.global_rank(call.group, (rank + 1) % size), call.group),
-               dist.P2POp(dist.irecv, buf, C.global_rank(call.group, (rank - 1) % size), call.group)]
-        return buf, _AllWorks(dist.batch_isend_irecv(ops))
+        return buf, lambda: dist.batch_isend_irecv(C.ring_ops(x, buf, call.group))
 
     def _exact(self, call: CollectiveCall, entry: _StaleEntry) -> torch.Tensor:
         """The exact result of a completed exchange (copies: the buffer is kept for the next step)."""
@@ -129,10 +123,11 @@ class StaleHook(CommHook):
 
     def _drain(self) -> None:
         for entry in self.pending.values():
-            entry.wait(self.timeout_s)
+            entry.wait()
         self.pending.clear()
 
     def begin_request(self) -> None:
+        self.check_idle("begin_request()")
         self._drain()
         self.exchanges.clear()
         self.auto_counts.clear()
@@ -140,11 +135,13 @@ class StaleHook(CommHook):
         self.step = 0
 
     def next_step(self) -> None:
+        self.check_idle("next_step()")
         self.stats_.end_step(self.request, self.step)
         self.step += 1
         self.auto_counts.clear()
 
     def reset(self) -> None:
+        self.check_idle("reset()")
         self._drain()
         self.exchanges.clear()
         self.stats_.clear()
@@ -153,17 +150,3 @@ class StaleHook(CommHook):
         out = self.stats_.as_dict()
         out.update(hook="stale", steps=self.step, requests=self.request)
         return out
-
-
-class _AllWorks:
-    """Several works waited on as one (the two halves of a ring exchange)."""
-
-    def __init__(self, works: list[Any]) -> None:
-        self.works = works
-
-    def wait(self, timeout: Any = None) -> None:
-        for w in self.works:
-            if timeout is None:
-                w.wait()
-            else:
-                w.wait(timeout=timeout)
