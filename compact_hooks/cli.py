@@ -150,10 +150,12 @@ def report_error(exc: BaseException, stream: Optional[TextIO] = None) -> None:
     """``compact-hooks: error: <message>`` (and ``compact-hooks: hint: <hint>``) on ``stream`` (stderr)."""
     stream = sys.stderr if stream is None else stream
     message = str(exc).strip() or type(exc).__name__
-    print(f"compact-hooks: error: {_rank_tag()}{message}", file=stream)
+    text = f"compact-hooks: error: {_rank_tag()}{message}\n"
     hint = getattr(exc, "hint", None)
     if hint:
-        print(f"compact-hooks: hint: {hint}", file=stream)
+        text += f"compact-hooks: hint: {hint}\n"
+    stream.write(text)  # one write: the lines of ranks sharing a pipe do not interleave
+    stream.flush()
 
 
 def dispatch(args: argparse.Namespace) -> int:
