@@ -1,32 +1,32 @@
-"""Route the all-to-alls of diffusers' own Ulysses context parallelism through a CommHook.
+"""Route every collective of diffusers' own context parallelism through a CommHook.
 
-For a model on which the user called ``model.enable_parallelism(config=ContextParallelConfig(
-ulysses_degree=N))``: diffusers' Ulysses attention (``TemplatedUlyssesAttention`` in
-``diffusers.models.attention_dispatch``) calls the module-level ``_all_to_all_single(x, group)`` with
-``x`` laid out ``[N, ...]`` (chunk j for rank j) for Q, K, V and the output: exactly the hook's
-``all_to_all``. :func:`compress_native_context_parallel` replaces that function while the model runs
-(other models keep the original), keys each call by the attention module that makes it
-(``"transformer_blocks.3.attn:q|k|v|o"``; a call outside any attention module gets ``key=None``, the
-hook's per-step call counter), marks steps and requests like ``parallelize``, and ``remove()`` puts
-the original back.
+For a model on which the user called ``model.enable_parallelism(config=ContextParallelConfig(...))``
+(any diffusers transformer with a ``_cp_plan``: Flux, Flux2, Wan, QwenImage, LTX, ...), with any layout
+diffusers supports: Ulysses (``ulysses_degree``), ring (``ring_degree``: one all-gather of the
+concatenated K/V per attention), unified Ulysses x ring (both), and the uneven ``ulysses_anything`` /
+``ring_anything``. :func:`compress_native_context_parallel` stands in for the collectives diffusers
+calls (see :mod:`.native_routes`) while this model's forward runs (other models keep the originals),
+keys each call by the attention module and what it carries (``"transformer_blocks.3.attn:q|k|v|o|lse|kv"``),
+marks steps and requests like ``parallelize``, counts what it routed, did exactly (the output gather)
+and left alone (``stats()["unrouted"]``), and ``remove()`` puts everything back.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from compact_hooks.hook import CollectiveCall, CommHook
+from compact_hooks.hook import CommHook
 
 from .common import HookLike, StepTracker, bind_arguments, resolve_hook, split_pipeline
+from .native_routes import A2A_ROLES, Router
 
-CALL_NAMES = ("q", "k", "v", "o", "lse")
+CALL_NAMES = A2A_ROLES
 
 
-def _dispatch_module():
+def _diffusers_modules() -> tuple[Any, Any, Any]:
     from diffusers.models import attention_dispatch
 
     if not hasattr(attention_dispatch, "_all_to_all_single"):
@@ -34,27 +34,22 @@ def _dispatch_module():
             "this diffusers has no attention_dispatch._all_to_all_single (native context parallelism needs "
             "diffusers >= 0.36); upgrade diffusers or use parallelize()"
         )
-    return attention_dispatch
+    from diffusers.hooks import context_parallel
+    from diffusers.models import _modeling_parallel
+
+    return attention_dispatch, context_parallel, _modeling_parallel
 
 
-def _check_config(model: nn.Module) -> None:
+def context_parallel_config(model: nn.Module) -> Any:
+    """The model's ``ContextParallelConfig`` (a ``ValueError`` saying what to call when there is none)."""
     config = getattr(model, "_parallel_config", None)
     cp = getattr(config, "context_parallel_config", None)
     if cp is None:
         raise ValueError(
             f"{type(model).__name__} has no native context parallelism; call model.enable_parallelism("
-            f"config=ContextParallelConfig(ulysses_degree=N)) first, or use parallelize()"
+            f"config=ContextParallelConfig(ulysses_degree=U, ring_degree=R)) first, or use parallelize()"
         )
-    if getattr(cp, "ring_degree", 1) > 1:
-        raise ValueError(
-            "compress_native_context_parallel routes Ulysses all-to-alls only; ring_degree > 1 (ring K/V "
-            "exchange) is not intercepted: use ContextParallelConfig(ulysses_degree=N) or parallelize(mode='ring')"
-        )
-    if getattr(cp, "ulysses_anything", False):
-        raise ValueError(
-            "ulysses_anything=True uses uneven all-to-alls that the hook cannot route; use equal shards "
-            "(sequence divisible by ulysses_degree) or parallelize(), which pads and masks"
-        )
+    return cp
 
 
 class NativeHandle:
@@ -63,34 +58,31 @@ class NativeHandle:
     def __init__(self, model: nn.Module, pipeline: Optional[Any], hook: CommHook) -> None:
         self.model = model
         self.hook = hook
+        self.router = Router(hook)
         self.tracker = StepTracker(hook, pipeline)
         self.hooks: list[RemovableHandle] = []
-        self.active = False
-        self.current: Optional[str] = None
-        self.calls = 0
-        self.module: Any = None
-        self.previous: Optional[Callable[..., torch.Tensor]] = None
-        self.routed: Optional[Callable[..., torch.Tensor]] = None
+        self.patches: list[tuple[Any, str, Any, Any]] = []  # (module, name, previous, ours)
         self.removed = False
 
-    def _key(self) -> Optional[str]:
-        if self.current is None:
-            return None
-        i = self.calls
-        self.calls += 1
-        return f"{self.current}:{CALL_NAMES[i] if i < len(CALL_NAMES) else f'a2a{i}'}"
+    @property
+    def active(self) -> bool:
+        return self.router.active
+
+    def _patch(self, module: Any, name: str, make: Any) -> None:
+        previous = getattr(module, name)
+        ours = make(previous)
+        setattr(module, name, ours)
+        self.patches.append((module, name, previous, ours))
 
     def install(self) -> None:
-        module = _dispatch_module()
-        previous = module._all_to_all_single
-
-        def routed(x: torch.Tensor, group: Any) -> torch.Tensor:
-            if not self.active:
-                return previous(x, group)
-            return self.hook(CollectiveCall("all_to_all", x, group, key=self._key()))
-
-        self.module, self.previous, self.routed = module, previous, routed
-        module._all_to_all_single = routed
+        dispatch, context_parallel, modeling_parallel = _diffusers_modules()
+        r = self.router
+        self._patch(dispatch, "_all_to_all_single", r.a2a_function)
+        self._patch(dispatch, "funcol", r.funcol_proxy)
+        self._patch(dispatch, "dist", r.dist_proxy)
+        self._patch(context_parallel, "funcol", r.funcol_proxy)
+        self._patch(context_parallel, "dist", r.dist_proxy)
+        self._patch(modeling_parallel, "dist", r.dist_proxy)
 
         for name, sub in self.model.named_modules():
             if name and hasattr(getattr(sub, "processor", None), "_parallel_config"):
@@ -102,40 +94,47 @@ class NativeHandle:
 
     def _enter_attention(self, name: str):
         def pre(module: nn.Module, args: tuple) -> None:
-            self.current, self.calls = name, 0
+            self.router.enter(name)
 
         return pre
 
     def _leave_attention(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.current = None
+        self.router.leave()
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.tracker.before_forward(bind_arguments(module, args, kwargs).get("timestep"))
-        self.active = True
+        self.router.active = True
 
     def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        self.active = False
-        self.current = None
+        self.router.active = False
+        self.router.leave()
         self.tracker.after_forward()
 
     def begin_request(self) -> None:
         self.tracker.begin_request()
 
+    def stats(self) -> dict[str, Any]:
+        """The hook's ``stats()`` plus the call counters: ``routed`` (through the hook), ``exact`` (the output
+        gather, plain), ``unrouted`` (took torch.distributed unchanged; ``unrouted_ops`` by name)."""
+        return {**self.hook.stats(), **self.router.stats()}
+
     def remove(self) -> None:
-        """Restore ``_all_to_all_single``, remove the module hooks, unwrap the pipeline (idempotent)."""
+        """Restore diffusers' collectives, remove the module hooks, unwrap the pipeline (idempotent)."""
         if self.removed:
             return
-        if self.module is not None:
-            if self.module._all_to_all_single is not self.routed:
+        for module, name, _previous, ours in self.patches:
+            if getattr(module, name) is not ours:
                 raise RuntimeError(
                     "another compress_native_context_parallel() was installed after this one; remove() it first"
                 )
-            self.module._all_to_all_single = self.previous
+        for module, name, previous, _ours in reversed(self.patches):
+            setattr(module, name, previous)
+        self.patches = []
         for h in self.hooks:
             h.remove()
         self.hooks = []
         self.tracker.unwrap_pipeline()
-        self.active = False
+        self.router.active = False
         self.removed = True
 
     def __enter__(self) -> "NativeHandle":
@@ -146,13 +145,14 @@ class NativeHandle:
 
 
 def compress_native_context_parallel(model_or_pipeline: Any, hook: HookLike = None) -> NativeHandle:
-    """Route the Ulysses all-to-alls of diffusers' ``enable_parallelism`` through ``hook``.
+    """Route every collective of diffusers' ``enable_parallelism`` context parallelism through ``hook``.
 
-    Call it after ``model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=N))``; pass the
-    pipeline to have each ``pipe(...)`` begin a request. Returns a handle with ``remove()``.
+    Call it after ``model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=U, ring_degree=R))``
+    (``ulysses_anything`` / ``ring_anything`` too); pass the pipeline to have each ``pipe(...)`` begin a
+    request. Returns a handle with ``stats()`` and ``remove()``.
     """
     model, pipeline = split_pipeline(model_or_pipeline)
-    _check_config(model)
+    context_parallel_config(model)
     handle = NativeHandle(model, pipeline, resolve_hook(hook))
     try:
         handle.install()
