@@ -9,6 +9,7 @@ Example block::
         "warmup_steps": 1,
         "collectives": ["all_to_all", "all_gather", "all_reduce"],
         "base_dtype": "input",
+        "base_device": "input",
         "warmup_compressor": "int8",
         "rules": [],
         "stats": {"enabled": true}
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .configs import missing_hint, resolve_config_path
 from .errors import ConfigError
-from .policy import Rule, feedback_problem
+from .policy import BaseDevice, BaseDtype, Rule, feedback_problem
 from .registry import build_compressor
 
 BLOCK = "compact_hooks"
@@ -35,7 +36,6 @@ BLOCK = "compact_hooks"
 Collective = Literal["all_gather", "all_to_all", "all_reduce", "ring_exchange"]
 ResidualMode = Literal["none", "delta", "ef", "ef2"]
 HookKind = Literal["compact", "stale", "passthrough", "cast"]
-BaseDtype = Literal["float32", "bfloat16", "float16", "input"]
 MAX_TIMEOUT_S = 366 * 86400.0  # a year; larger values overflow timedelta / gloo's millisecond timeouts
 
 
@@ -59,7 +59,8 @@ class CompactConfig(_Block):
     residual: ResidualMode = "ef"
     warmup_steps: int = Field(1, ge=0)
     collectives: list[Collective] = Field(default_factory=lambda: ["all_gather", "all_to_all", "all_reduce", "ring_exchange"])
-    base_dtype: BaseDtype = "input"
+    base_dtype: BaseDtype = "input"  # "int8" / "fp8": 8-bit bases with group scales (compact_hooks.bases)
+    base_device: BaseDevice = "input"  # "cpu": bases in (pinned) host memory, prefetched per call site
     cast_dtype: Literal["float16", "bfloat16"] = "bfloat16"
     verify_every: int = Field(0, ge=0)
     timeout_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)

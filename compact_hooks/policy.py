@@ -6,7 +6,8 @@ block's top-level settings are the default::
     "rules": [
         {"match": {"key": "transformer_blocks.0.*"}, "plain": true},
         {"match": {"role": ["k", "v"]}, "compressor": {"name": "lowrank", "rank": 32}},
-        {"match": {"role": ["q", "o"], "op": "all_to_all"}, "compressor": "int2"}
+        {"match": {"role": ["q", "o"], "op": "all_to_all"}, "compressor": "int2"},
+        {"match": {"key": "single_transformer_blocks.*"}, "base_dtype": "int8", "base_device": "cpu"}
     ]
 
 A call site is described by its key (``"transformer_blocks.3.attn:k"``), its role (the part of the
@@ -28,6 +29,8 @@ from .registry import build_compressor
 Collective = Literal["all_gather", "all_to_all", "all_reduce", "ring_exchange"]
 ResidualMode = Literal["none", "delta", "ef", "ef2"]
 LinkClass = Literal["intra_host", "inter_host"]
+BaseDtype = Literal["float32", "bfloat16", "float16", "input", "int8", "fp8"]  # int8 / fp8: compact_hooks.bases
+BaseDevice = Literal["input", "cpu"]  # "cpu": bases in host memory between steps (compact_hooks.bases)
 
 
 class _Block(BaseModel):
@@ -63,6 +66,8 @@ class Rule(_Block):
     residual: Optional[ResidualMode] = None
     warmup_steps: Optional[int] = Field(None, ge=0)
     warmup_compressor: Optional[Union[str, dict[str, Any]]] = None
+    base_dtype: Optional[BaseDtype] = None
+    base_device: Optional[BaseDevice] = None
 
     @field_validator("compressor", "warmup_compressor", mode="before")
     @classmethod
@@ -74,7 +79,7 @@ class Rule(_Block):
     @model_validator(mode="after")
     def _plain_alone(self) -> "Rule":
         if self.plain and any(v is not None for v in (self.compressor, self.residual, self.warmup_steps,
-                                                      self.warmup_compressor)):
+                                                      self.warmup_compressor, self.base_dtype, self.base_device)):
             raise ValueError("a rule with \"plain\": true takes no codec settings; drop them or the plain flag")
         return self
 
@@ -84,7 +89,8 @@ class Rule(_Block):
             return {}
         return {k: v for k, v in (("compressor", self.compressor), ("residual", self.residual),
                                   ("warmup_steps", self.warmup_steps),
-                                  ("warmup_compressor", self.warmup_compressor)) if v is not None}
+                                  ("warmup_compressor", self.warmup_compressor), ("base_dtype", self.base_dtype),
+                                  ("base_device", self.base_device)) if v is not None}
 
 
 @dataclass(frozen=True)

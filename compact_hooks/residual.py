@@ -19,19 +19,26 @@ following steps. Non-finite values never
 enter a base: the sender zeroes them in the residual and sets a flag in the payload header; every
 side updates its base from the clean residual, and receivers return NaN for a flagged tensor, so
 the user's NaN stays visible for that step and later steps are normal again.
+
+How a base is stored (a float dtype, 8 bits with group scales, offloaded to host memory) is in
+:mod:`compact_hooks.bases`. With an 8-bit base a step returns ``predict() + C.decode(p)`` itself
+(every side computes the same float32 value) and stores it rounded to 8 bits.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
+from . import bases
+from .bases import QUANT_KINDS, HostBase, OffloadWindow, QuantBase, saturate_ as _saturate_
 from .compressors.base import Compressor
+from .finite import clean as _clean, fit as _fit, poison_if as _poison_if
 from .config import CompactConfig, load_config
-from .kernels import channel_decode, channel_encode, check_setting, use_fused
+from .kernels import channel_decode, channel_encode, check_setting, fused_base, use_fused
 from .registry import build_compressor
 from .stats import Stats
 from .wire import FLAGS_BYTE, decode_raw, raw_nbytes
@@ -39,6 +46,7 @@ from .wire import FLAGS_BYTE, decode_raw, raw_nbytes
 MODES = ("none", "delta", "ef", "ef2")
 FP16_MAX = 65504.0
 BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BASE_DEVICES = ("input", "cpu")  # "input": the tensor's own device; "cpu": host memory (compact_hooks.bases)
 
 
 @dataclass
@@ -47,7 +55,7 @@ class Channel:
 
     compressor: Compressor
     mode: str
-    base_dtype: Optional[torch.dtype]  # None: the input's dtype
+    base_dtype: Union[torch.dtype, str, None]  # None: the input's dtype; "int8" / "fp8": 8 bits (bases.py)
     warmup: Optional[Compressor] = None  # full sends: None = the tensor's own bytes
     base: Optional[torch.Tensor] = None
     velocity: Optional[torch.Tensor] = None  # ef2
@@ -55,11 +63,18 @@ class Channel:
     codec_state: dict[str, Any] = field(default_factory=dict)
     nonfinite: Optional[torch.Tensor] = None  # device counter, read by stats
     kernels: str = "auto"  # compressed steps on the fused kernels? see compact_hooks.kernels.dispatch
+    offload: Optional[OffloadWindow] = None  # base_device "cpu": bases live on the host between steps
+    prefetched: Optional[tuple[dict[str, Any], list[Any]]] = None  # device copies on their way (offload)
+    spare: Optional[dict[str, Any]] = None  # host buffers of the base while it is on the device (offload)
+    resident_bytes: int = 0  # device bytes the offload window counts for this channel
 
     # -- shared ----------------------------------------------------------------------------------
-    def _store(self, t: torch.Tensor, input_dtype: torch.dtype, owned: bool = True) -> torch.Tensor:
+    def _store(self, t: torch.Tensor, input_dtype: torch.dtype, owned: bool = True) -> Union[torch.Tensor, QuantBase]:
         """``t`` in the base dtype (``input_dtype`` when it is "input"), saturated to its finite range
         (a base never overflows to inf); ``owned``: ``t`` is a temporary that may be reused."""
+        if isinstance(self.base_dtype, str):
+            return bases.quantize(_saturate_(t.float() if owned or t.dtype != torch.float32 else t.clone()),
+                                  self.base_dtype)
         dtype = self.base_dtype or input_dtype
         if t.dtype == dtype and not owned:
             t = t.clone()
@@ -67,9 +82,9 @@ class Channel:
 
     def _predict(self) -> torch.Tensor:
         assert self.base is not None
-        pred = self.base.float()
+        pred = bases.load(self.base)
         if self.mode == "ef2" and self.velocity is not None:
-            pred = pred + self.velocity.float()
+            pred = pred + bases.load(self.velocity)
         return pred
 
     def _set_full(self, x: torch.Tensor) -> None:
@@ -83,7 +98,8 @@ class Channel:
 
     def _fused(self, device: torch.device, shape: tuple[int, ...]) -> bool:
         """Whether a compressed step runs on the fused kernels (the same bytes and bases as the torch code)."""
-        return self.kernels != "torch" and use_fused(self.kernels, self.compressor, device, tuple(shape))
+        return (self.kernels != "torch" and fused_base(self.base_dtype, self.offload is not None)
+                and use_fused(self.kernels, self.compressor, device, tuple(shape)))
 
     def _count(self, flag: torch.Tensor) -> None:
         flag = flag.to(torch.int64)
@@ -91,15 +107,25 @@ class Channel:
 
     def _update(self, decoded: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Apply a decoded residual to the base; return the reconstruction in ``dtype``."""
-        pred = self._predict()
-        stored = self._store(pred + decoded.float(), dtype)
+        value = self._predict() + decoded.float()
+        stored = self._store(value, dtype)
         if self.mode == "ef2":
-            self.velocity = self._store(stored.float() - self.base.float(), dtype)
+            self.velocity = self._store(bases.load(stored) - bases.load(self.base), dtype)
         self.base = stored
-        return _fit(stored, dtype)
+        return _fit(stored if isinstance(stored, torch.Tensor) else _saturate_(value), dtype)
 
     # -- sender ----------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode ``x``; return ``(payload, reconstruction the receivers will hold)`` (see :meth:`_encode`)."""
+        if self.offload is None:
+            return self._encode(x, full)
+        self.offload.bring(self, x.device)
+        try:
+            return self._encode(x, full)
+        finally:
+            self.offload.evict(self)
+
+    def _encode(self, x: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode ``x``; return ``(payload, reconstruction the receivers will hold)``.
 
         Non-finite values are zeroed before encoding and flagged in the header; receivers then
@@ -139,6 +165,8 @@ class Channel:
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """The float32 residual (``ef``/``ef2``) the next compressed :meth:`encode` of ``x`` sends, kept
         for it: a codec that sizes each call (``auto``) plans every stream of a collective first."""
+        if self.offload is not None:
+            self.offload.bring(self, x.device)  # stays on the device until the encode that follows
         r = x.float() - self._predict()
         self.codec_state["residual"] = (x, r)
         return r
@@ -166,6 +194,15 @@ class Channel:
     # -- receiver --------------------------------------------------------------------------------
     def decode(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, full: bool) -> torch.Tensor:
         """Decode a payload of this stream; return the reconstruction."""
+        if self.offload is None:
+            return self._decode(payload, shape, dtype, full)
+        self.offload.bring(self, payload.device)
+        try:
+            return self._decode(payload, shape, dtype, full)
+        finally:
+            self.offload.evict(self)
+
+    def _decode(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, full: bool) -> torch.Tensor:
         if full and self.warmup is not None:
             flag = payload[FLAGS_BYTE] != 0
             return _poison_if(self._set_warmup_base(payload, shape, dtype, flag), flag)
@@ -184,70 +221,44 @@ class Channel:
 
     # -- introspection ---------------------------------------------------------------------------
     def memory_bytes(self) -> int:
-        tensors = [self.base, self.velocity, self.previous_x, *self.codec_state.values()]
-        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        """Device bytes: base and velocity (unless offloaded to the host), prefetched copies, previous
+        x and codec state."""
+        held = [v for v in (self.base, self.velocity) if not isinstance(v, HostBase)]
+        if self.prefetched is not None:
+            held += list(self.prefetched[0].values())
+        tensors = [self.previous_x, *self.codec_state.values()]
+        return sum(bases.nbytes(v) for v in held) + sum(t.numel() * t.element_size() for t in tensors
+                                                        if isinstance(t, torch.Tensor))
+
+    def host_memory_bytes(self) -> int:
+        """Bytes of the base and velocity held in host memory (``base_device`` "cpu")."""
+        return sum(bases.nbytes(v) for v in (self.base, self.velocity) if isinstance(v, HostBase))
 
     def digest(self) -> str:
         """A hash of the base (and velocity): equal on every rank that holds this stream."""
         h = hashlib.sha1()
-        for t in (self.base, self.velocity):
-            if t is not None:
+        for value in (self.base, self.velocity):
+            for t in bases.tensors(value):
                 h.update(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def checksum(self) -> torch.Tensor:
-        """A cheap position-weighted integer checksum of the base (and velocity), on its device."""
-        total = torch.zeros((), dtype=torch.int64, device=self.base.device if self.base is not None else "cpu")
-        for t in (self.base, self.velocity):
-            if t is None:
-                continue
-            bits = t.contiguous().view(-1).view(torch.int16 if t.element_size() == 2 else torch.int32)
-            weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
-            total = total + (bits.to(torch.int64) * weights).sum()
+        """A cheap position-weighted integer checksum of the base (and velocity), on its (compute) device."""
+        device = self.base.device if self.base is not None else torch.device("cpu")
+        total = torch.zeros((), dtype=torch.int64, device=device)
+        for value in (self.base, self.velocity):
+            for t in bases.tensors(value):
+                size = t.element_size()
+                bits = t.contiguous().view(-1)
+                bits = bits.view(torch.int16 if size == 2 else torch.int32) if size in (2, 4) else bits.view(torch.uint8)
+                weights = torch.arange(bits.numel(), device=bits.device, dtype=torch.int64) % 65521 + 1
+                total = total + (bits.to(torch.int64) * weights).sum().to(device)
         return total
 
     def corrupt_for_testing(self, scale: float = 1.0) -> None:
         """Perturb the base (tests of divergence detection only)."""
         if self.base is not None:
-            self.base = self.base + scale * torch.ones_like(self.base)
-
-
-def _clean(t: torch.Tensor, owned: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``t`` with non-finite values zeroed, and a 0-dim bool tensor: did it have any? (no host sync
-    on accelerators). The exact test is on the extremes (``amax``/``amin`` propagate NaN; a sum of
-    large finite values could overflow); on the CPU, where a host read is free, one fast sum proves
-    most tensors clean first. ``owned``: ``t`` is a temporary that may be zeroed in place."""
-    if t.numel() == 0:
-        return t, torch.zeros((), dtype=torch.bool, device=t.device)
-    if t.device.type == "cpu" and bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        return t, torch.zeros((), dtype=torch.bool)
-    flag = ~(torch.isfinite(t.amax()) & torch.isfinite(t.amin()))
-    if t.device.type == "cpu" and not bool(flag):
-        return t, flag
-    if owned:
-        return t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0), flag
-    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), flag
-
-
-def _saturate_(t: torch.Tensor) -> torch.Tensor:
-    """In place: infinities (a cast or a sum beyond the dtype's range) become its largest finite value."""
-    limit = torch.finfo(t.dtype).max
-    return t.nan_to_num_(nan=0.0, posinf=limit, neginf=-limit)
-
-
-def _fit(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` as ``dtype``, saturated to its finite range when that is narrower (a float32 base
-    feeding float16 activations never turns into inf)."""
-    if t.dtype == dtype:
-        return t
-    return _saturate_(t.to(dtype))
-
-
-def _poison_if(t: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
-    """All-NaN when ``flag`` is set: a sender's NaN/Inf stays visible downstream."""
-    if t.device.type == "cpu":
-        return torch.full_like(t, float("nan")) if bool(flag) else t
-    return torch.where(flag, torch.full((), float("nan"), dtype=t.dtype, device=t.device), t)
+            self.base = bases.perturbed(self.base, scale)
 
 
 @dataclass
@@ -271,13 +282,16 @@ class Session:
     def __init__(self, compressor: Compressor, mode: str = "ef", warmup_steps: int = 1,
                  base_dtype: str = "input", stats: Optional[Stats] = None, verify_every: int = 0,
                  timeout_s: Optional[float] = None, warmup_compressor: Optional[Compressor] = None,
-                 kernels: str = "auto") -> None:
+                 kernels: str = "auto", base_device: str = "input") -> None:
         if mode not in MODES:
             raise ValueError(f"residual mode must be one of {', '.join(MODES)}; got {mode!r}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0; got {warmup_steps}")
-        if base_dtype != "input" and base_dtype not in BASE_DTYPES:
-            raise ValueError(f"base_dtype must be 'input' or one of {', '.join(BASE_DTYPES)}; got {base_dtype!r}")
+        if base_dtype != "input" and base_dtype not in BASE_DTYPES and base_dtype not in QUANT_KINDS:
+            raise ValueError(f"base_dtype must be 'input' or one of {', '.join([*BASE_DTYPES, *QUANT_KINDS])}; "
+                             f"got {base_dtype!r}")
+        if base_device not in BASE_DEVICES:
+            raise ValueError(f"base_device must be one of {', '.join(BASE_DEVICES)}; got {base_device!r}")
         if verify_every < 0:
             raise ValueError(f"verify_every must be >= 0; got {verify_every}")
         self.compressor = compressor
@@ -286,7 +300,9 @@ class Session:
         self.verify_every = verify_every
         self.timeout_s = timeout_s
         self.warmup_steps = warmup_steps
-        self.base_dtype = None if base_dtype == "input" else BASE_DTYPES[base_dtype]
+        self.base_dtype = None if base_dtype == "input" else BASE_DTYPES.get(base_dtype, base_dtype)
+        self.base_device = base_device
+        self.offload = OffloadWindow() if base_device == "cpu" else None
         self.kernels = check_setting(kernels)  # the payloads are the same either way: ranks may differ
         self.stats = stats if stats is not None else Stats()
         self.request = 0
@@ -311,13 +327,13 @@ class Session:
         """A session with ``cfg``'s codec settings that counts into ``stats`` (shared by a hook's sessions)."""
         warmup = build_compressor(cfg.warmup_compressor) if cfg.warmup_compressor is not None else None
         return cls(cfg.build_compressor(), cfg.residual, cfg.warmup_steps, cfg.base_dtype, stats,
-                   cfg.verify_every, cfg.timeout_s, warmup, cfg.kernels)
+                   cfg.verify_every, cfg.timeout_s, warmup, cfg.kernels, cfg.base_device)
 
     def settings(self) -> dict[str, Any]:
         """What every rank of a group must agree on."""
         return {"compressor": self.compressor.spec(), "residual": self.mode, "warmup_steps": self.warmup_steps,
                 "warmup_compressor": self.warmup_compressor.spec() if self.warmup_compressor else None,
-                "base_dtype": str(self.base_dtype) if self.base_dtype else "input",
+                "base_dtype": str(self.base_dtype) if self.base_dtype else "input", "base_device": self.base_device,
                 # both add collectives (base checksums, exact references): a mismatch would pair
                 # unrelated collectives across ranks
                 "verify_every": self.verify_every,
@@ -331,6 +347,8 @@ class Session:
         self.request += 1
         self.step = 0
         self._drop_keys()
+        if self.offload is not None:
+            self.offload.begin_request()
         self.auto_key_counts.clear()
 
     def next_step(self) -> None:
@@ -338,11 +356,16 @@ class Session:
         self.stats.end_step(self.request, self.step)
         self.step += 1
         self.auto_key_counts.clear()
+        if self.offload is not None:
+            self.offload.end_step()
 
     def _drop_keys(self, key: Optional[str] = None) -> None:
         """Forget channels (all, or one key's), keeping their non-finite counts in the stats."""
         for name in [key] if key is not None else list(self.keys):
             state = self.keys.pop(name, None)
+            if state is not None and self.offload is not None:
+                for ch in state.channels.values():
+                    self.offload.forget(ch)
             if state is not None:
                 self.stats.nonfinite += sum(int(ch.nonfinite) for ch in state.channels.values()
                                             if ch.nonfinite is not None)
@@ -398,6 +421,8 @@ class Session:
         if full:
             for channel in state.channels.values():
                 channel.codec_state.clear()
+        if self.offload is not None:  # prefetch the next key's bases (the call order of the last step)
+            self.offload.started(key, lambda k: self.keys[k].channels.values() if k in self.keys else ())
         return full
 
     def channel(self, key: str, src: int, dst: Optional[int] = None) -> Channel:
@@ -406,7 +431,7 @@ class Session:
         ch = state.channels.get((src, dst))
         if ch is None:
             ch = state.channels[(src, dst)] = Channel(self.compressor, self.mode, self.base_dtype, self.warmup_compressor,
-                                                          kernels=self.kernels)
+                                                          kernels=self.kernels, offload=self.offload)
         return ch
 
     @property
@@ -440,8 +465,17 @@ class Session:
         return self.compressor.payload_nbytes(shape, dtype)
 
     def memory_bytes(self) -> int:
-        """Bytes held by every channel's base, velocity and codec state."""
+        """Device bytes held by every channel's base, velocity and codec state (8-bit bases: codes and
+        scales; offloaded bases: only the device window, see :meth:`host_memory_bytes`)."""
         return sum(ch.memory_bytes() for st in self.keys.values() for ch in st.channels.values())
+
+    def host_memory_bytes(self) -> int:
+        """Bytes of bases held in host memory (``base_device`` "cpu"; 0 otherwise)."""
+        return sum(ch.host_memory_bytes() for st in self.keys.values() for ch in st.channels.values())
+
+    def window_peak_bytes(self) -> int:
+        """The most device bytes the offload window held at once so far (0 without offloading)."""
+        return self.offload.peak_bytes if self.offload is not None else 0
 
     def base_digests(self) -> dict[str, str]:
         """``"key|src->dst": hash`` of every channel base; a stream's entry is equal on all its ranks.

@@ -78,13 +78,20 @@ def add_drift(kinds: argparse._SubParsersAction) -> None:
 def add_scaling(kinds: argparse._SubParsersAction) -> None:
     """Register ``bench scaling`` (``compact_hooks.bench.scaling``)."""
     p = kinds.add_parser("scaling", help="wire bytes and session memory vs tokens, world size and layers")
-    p.add_argument("--world", type=int, nargs="+", default=[2, 3, 4])
+    p.add_argument("--world", type=int, nargs="+", default=None, help="default 2 3 4 (--preset: 2 4 8 16)")
+    p.add_argument("--preset", choices=["flux-dev-1024", "wan2.1-14b-720p-81f", "hunyuanvideo-720p-129f", "cogvideox-5b"],
+                   help="base memory and wire bytes of a real workload per mode and base option (formulas, "
+                        "checked at small scale)")
+    p.add_argument("--mode", nargs="+", choices=["ulysses", "allgather", "ring", "usp"],
+                   help="--preset: the modes (default: all)")
+    p.add_argument("--check-world", type=int, default=4,
+                   help="--preset: local gloo ranks of the small-scale check (0: skip it)")
     p.add_argument("--side", type=int, nargs="+", default=[16, 32], help="latent side: tokens = side^2 + 12 text")
     p.add_argument("--blocks", type=int, nargs="+", default=[3, 6], help="transformer blocks (1/3 double)")
     p.add_argument("--compressor", default="int2")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=Handler("compact_hooks.bench.scaling:main"))
+    p.set_defaults(handler=Handler("compact_hooks.bench.scaling_report:main"))
 
 
 def add_quality(kinds: argparse._SubParsersAction) -> None:

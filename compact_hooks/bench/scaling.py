@@ -35,7 +35,7 @@ def _shard(tokens: int, world: int) -> int:
     return -(-tokens // world)
 
 
-def _worker(rank: int, world: int, cases: list[dict[str, int]], compressor: Any, steps: int) -> list[dict[str, Any]]:
+def _worker(rank: int, world: int, cases: list[dict[str, Any]], compressor: Any, steps: int) -> list[dict[str, Any]]:
     import compact_hooks as ch
     from compact_hooks.integrations.diffusers import parallelize
     from compact_hooks.integrations.diffusers.tiny import tiny_flux, tiny_inputs
@@ -45,8 +45,13 @@ def _worker(rank: int, world: int, cases: list[dict[str, int]], compressor: Any,
         model = tiny_flux(heads=HEADS, head_dim=HEAD_DIM, layers=case["double"], single_layers=case["single"])
         side = case["side"]
         kwargs = tiny_inputs("flux", model, batch=1, height=side, width=side, text=TEXT)
-        hook = ch.CompactHook({"compressor": compressor, "residual": "ef", "warmup_steps": 1})
-        handle = parallelize(model, None, "ulysses", hook)
+        base_dtype, base_device = case.get("base", ("input", "input"))
+        hook = ch.CompactHook({"compressor": compressor, "residual": "ef", "warmup_steps": 1,
+                               "base_dtype": base_dtype, "base_device": base_device})
+        mode = case.get("mode", "ulysses")
+        degrees = {"ulysses_degree": case["ulysses_degree"], "ring_degree": world // case["ulysses_degree"]} \
+            if mode == "usp" else {}
+        handle = parallelize(model, None, mode, hook, **degrees)
         noise = torch.randn(kwargs["hidden_states"].shape, generator=torch.Generator().manual_seed(1))
         base = kwargs["hidden_states"]
         with torch.no_grad():
@@ -55,11 +60,12 @@ def _worker(rank: int, world: int, cases: list[dict[str, int]], compressor: Any,
                 kwargs["hidden_states"] = base + 0.05 * t * noise
                 model(**kwargs)
         stats = hook.stats()
-        memory = hook.session.memory_bytes()
+        session = hook.session
         handle.remove()
         last = stats["per_step"][-1]
         rows.append({**case, "tokens": side * side + TEXT, "raw_bytes_per_step": last["raw_bytes"],
-                     "wire_bytes_per_step": last["wire_bytes"], "session_bytes": memory})
+                     "wire_bytes_per_step": last["wire_bytes"], "session_bytes": session.memory_bytes(),
+                     "host_bytes": session.host_memory_bytes(), "window_peak_bytes": session.window_peak_bytes()})
     return rows
 
 
@@ -93,6 +99,7 @@ def _print(result: dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     spec = json.loads(args.compressor) if args.compressor.lstrip().startswith("{") else args.compressor
+    args.world = args.world or [2, 3, 4]
     blocks = [(n // 3, n - n // 3) for n in args.blocks]
     result = bench_scaling(args.world, args.side, blocks, spec, args.steps)
     print(json.dumps(result, indent=2)) if args.json else _print(result)

@@ -9,6 +9,10 @@ Settings (config key ``kernels``):
   Triton's interpreter (``TRITON_INTERPRET=1`` in the environment before the kernels are first
   used: how the test suite runs them); raises when neither is possible. Codecs without kernels
   keep the torch path.
+
+Channels with 8-bit bases (``base_dtype`` ``"int8"`` / ``"fp8"``) or offloaded bases (``base_device``
+``"cpu"``) always take the torch path (:func:`fused_base`): the kernels read and write float bases
+on the device only. The torch path is the reference, so the bytes are the same by construction.
 """
 
 from __future__ import annotations
@@ -58,6 +62,12 @@ def implementation(compressor: object, shape: tuple[int, ...]) -> Optional[Modul
 def supports(compressor: object, shape: tuple[int, ...]) -> bool:
     """Whether fused kernels exist for ``compressor`` on tensors of ``shape``."""
     return implementation(compressor, shape) is not None
+
+
+def fused_base(base_dtype: object, offloaded: bool) -> bool:
+    """Whether the kernels handle bases stored as ``base_dtype`` (a float dtype, ``None``: the input's;
+    not ``"int8"`` / ``"fp8"``), on the device (not ``offloaded``)."""
+    return not offloaded and not isinstance(base_dtype, str)
 
 
 def check_setting(setting: str) -> str:
