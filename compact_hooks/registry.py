@@ -18,7 +18,7 @@ CompressorSpec = Union[str, Mapping[str, Any], Compressor]
 C = TypeVar("C", bound=type[Compressor])
 
 
-BUILTIN_MODULES = ("cast", "quantize", "sparse", "lowrank", "adaptive")
+BUILTIN_MODULES = ("cast", "quantize", "fp8", "sparse", "lowrank", "adaptive")
 
 
 @dataclass

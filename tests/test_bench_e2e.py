@@ -13,7 +13,7 @@ from compact_hooks.launcher import netns
 from compact_hooks.bench import e2e as bench_e2e
 
 METHODS = {"single", "compute_only", "ulysses", "allgather", "stale", "compact_int2", "compact_int2_warm8", "compact_int1",
-           "compact_lowrank", "compact_auto"}
+           "compact_lowrank", "compact_auto", "naive_fp8"}
 
 
 def test_parse_rate_understands_tc_units() -> None:

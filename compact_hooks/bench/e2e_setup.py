@@ -24,6 +24,7 @@ COMPACT_METHODS: dict[str, dict[str, Any]] = {
     "compact_int1": {"compressor": "int1"},
     "compact_lowrank": {"compressor": "lowrank"},
     "compact_auto": {"compressor": "auto"},
+    "naive_fp8": {"compressor": "fp8", "residual": "none"},  # xDiT / cache-dit FP8 comms: e4m3, per-token scales
 }
 DEFAULT_AUTO_TARGET = 0.02
 LADDER_CODECS = {"int2": "compact_int2", "int1": "compact_int1", "lowrank": "compact_lowrank"}

@@ -42,6 +42,7 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("uncompressed", {"hook": "passthrough"}),
     ("stale", {"hook": "stale"}),
     ("naive int2", {"compressor": "int2", "residual": "none"}),
+    ("naive fp8", {"compressor": "fp8", "residual": "none"}),  # xDiT / cache-dit FP8 comms: e4m3, per-token scales
     ("delta int2", {"compressor": "int2", "residual": "delta"}),
     ("compact int1", {"compressor": "int1", "residual": "ef"}),
     ("compact int2", {"compressor": "int2", "residual": "ef"}),  # the default first step: int8

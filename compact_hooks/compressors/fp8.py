@@ -1,0 +1,128 @@
+"""``fp8``: FP8 communication, the compression users of xDiT (``--use_fp8_comms``) and cache-dit
+(``--ulysses-float8``) already run: every value as one float8 byte times a scale.
+
+cache-dit quantizes per token (one float32 scale per row of the last dim, computed per call); xDiT
+uses one calibrated scale per layer and tensor. This codec computes its scales per call, one per row
+(``group_size`` None, the default) or per group of ``group_size`` channels of a row, and sends them as
+bfloat16 (2 bytes): the encoder divides by the rounded scale the decoder multiplies by, so only the
+scale's range matters, and bfloat16 has float32's (tiny rows are not flushed to zero, huge ones are
+scaled, never saturated). As a plain cast baseline it runs with residual ``none`` (bench quality's
+``naive fp8``); it is also a residual codec (``ef``, ``delta``).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import register_compressor
+from ..wire import from_bytes
+from .base import Compressor, numel_of
+from .quantize import BF16_MAX, FP16_MAX, aligned, compute_view, matrix_dims, signed_extreme
+
+FORMATS: dict[str, torch.dtype] = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def bf16_floor(value: float) -> float:
+    """The largest bfloat16 number ``<= value`` (``value`` positive and finite in float32)."""
+    bits = struct.unpack("<I", struct.pack("<f", value))[0] & 0xFFFF0000  # truncation: towards zero
+
+    def as_float(b: int) -> float:
+        return struct.unpack("<f", struct.pack("<I", b))[0]
+
+    while as_float(bits) > value:  # float32 rounding of ``value`` went up
+        bits -= 0x10000
+    return as_float(bits)
+
+
+@register_compressor("fp8")
+class Fp8Compressor(Compressor):
+    """FP8 per token: each value as one e4m3 byte (``format`` "e5m2": more range, one mantissa bit
+    less) times its row's scale ``amax / 448`` (57344 for e5m2), or its group's with ``group_size``;
+    scales bfloat16. About 2x fewer bytes than bf16: the FP8 comms of xDiT and cache-dit.
+
+    A row (or group) is ``x[t, c0:c0+g]`` of the ``[T, C]`` view (``C`` the last dim); its largest
+    magnitude lands on the format's largest value, so nothing beyond the fp8 range is saturated:
+    values from 1e-30 to float32's maximum keep fp8's relative precision (2^-4 for e4m3, 2^-3 for
+    e5m2), down to the subnormals of their own row. Decoding multiplies in float32 and rounds once
+    into the tensor's dtype; the scale is capped so that the result stays finite there (a float16
+    65504 decodes as 65408). The Channel zeroes NaN/Inf before encoding and flags them; given one
+    directly, the codec still decodes finite values (a group holding NaN decodes as zeros).
+
+    Wire: ``scales bf16 [T * ceil(C/g)] | values fp8 [T * C]`` (g = C per token).
+    """
+
+    def __init__(self, group_size: int | None = None, format: str = "e4m3") -> None:  # noqa: A002
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                       or group_size < 1):
+            raise ValueError(f"group_size must be a positive integer, or null for one scale per token; "
+                             f"got {group_size!r}")
+        if not isinstance(format, str) or format not in FORMATS:
+            raise ValueError(f"format must be one of {sorted(FORMATS)}; got {format!r}")
+        self.group_size = group_size
+        self.format = format
+        self.wire_dtype = FORMATS[format]
+        self.fmax = float(torch.finfo(self.wire_dtype).max)
+        super().__init__()
+
+    def params(self) -> dict[str, Any]:
+        return {"group_size": self.group_size, "format": self.format}
+
+    def _layout(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        tokens, channels = matrix_dims(shape)
+        g = channels if self.group_size is None else min(self.group_size, channels)
+        return tokens, channels, g, math.ceil(channels / g)
+
+    def _scale_limit(self, dtype: torch.dtype) -> float:
+        """Largest scale whose products with the format's values stay finite in ``dtype``."""
+        return bf16_floor((FP16_MAX if dtype == torch.float16 else BF16_MAX) / self.fmax)
+
+    def body_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        n = numel_of(shape)
+        if n == 0:
+            return 0
+        tokens, _, _, groups = self._layout(shape)
+        return 2 * tokens * groups + n
+
+    def encode_body(self, x: torch.Tensor, state: dict[str, Any] | None) -> list[torch.Tensor]:
+        if x.numel() == 0:
+            return []
+        tokens, channels, g, groups = self._layout(tuple(x.shape))
+        x2, own = compute_view(x.contiguous().view(tokens, channels))
+        if channels % g == 0:
+            amax = signed_extreme(x2.view(tokens * groups, g)).abs()
+        else:
+            amax = signed_extreme(F.pad(x2, (0, groups * g - channels)).view(tokens, groups, g)).abs()
+        s = torch.nan_to_num(amax.float().div_(self.fmax), nan=0.0).clamp_(0.0, self._scale_limit(x.dtype))
+        s16 = s.to(torch.bfloat16)
+        s32 = s16.float()
+        inv = torch.where(s32 != 0, s32.reciprocal(), torch.zeros_like(s32))  # +inf for subnormal scales
+        if channels % g == 0:
+            inv2 = inv.view(tokens * groups, 1)
+            xv = x2.view(tokens * groups, g)
+        else:
+            inv2 = inv.view(tokens, groups).repeat_interleave(g, dim=1)[:, :channels]
+            xv = x2
+        t = xv.mul_(inv2) if own else torch.mul(xv, inv2)
+        # 0 * inf and NaN inputs -> 0; values past the rounded scale's range (or +-Inf) saturate
+        t.nan_to_num_(nan=0.0, posinf=self.fmax, neginf=-self.fmax).clamp_(-self.fmax, self.fmax)
+        return [s16.reshape(-1), t.to(self.wire_dtype).view(torch.uint8).reshape(-1)]
+
+    def decode_body(self, body: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = numel_of(shape)
+        if n == 0:
+            return torch.empty(shape, dtype=dtype, device=body.device)
+        body = aligned(body, 2)
+        tokens, channels, g, groups = self._layout(shape)
+        ns = tokens * groups
+        s32 = from_bytes(body, torch.bfloat16, ns).float()
+        values = from_bytes(body[2 * ns:], self.wire_dtype, n).float()
+        if channels % g == 0:
+            values = values.view(ns, g).mul_(s32.unsqueeze(1))
+        else:
+            values = values.view(tokens, channels).mul_(s32.view(tokens, groups).repeat_interleave(g, dim=1)[:, :channels])
+        return values.view(shape).to(dtype)
