@@ -40,10 +40,13 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, help="(embedded: 3.5; --model: the pipeline's default)")
     p.add_argument("--out", default="out", help="output directory (rank 0 writes it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--mode", choices=("ulysses", "allgather", "ring", "usp"), default="ulysses",
-                   help="usp: Ulysses inside each host, ring across hosts (degrees from the host layout by default)")
-    p.add_argument("--ulysses-degree", type=int, help="--mode usp: ranks per Ulysses group")
-    p.add_argument("--ring-degree", type=int, help="--mode usp: Ulysses groups in the ring")
+    p.add_argument("--mode", choices=("ulysses", "allgather", "ring", "usp", "native"), default="ulysses",
+                   help="usp: Ulysses inside each host, ring across hosts (degrees from the host layout by default); "
+                        "native: diffusers' own context parallelism (enable_parallelism; transformers with a "
+                        "_cp_plan), every collective routed through the hook")
+    p.add_argument("--ulysses-degree", type=int, help="--mode usp/native: ranks per Ulysses group "
+                                                      "(native default: all ranks)")
+    p.add_argument("--ring-degree", type=int, help="--mode usp/native: Ulysses groups in the ring")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--no-reference", action="store_true", help="skip the uncompressed reference run")
     p.add_argument("--record-trace", metavar="DIR", help="record the hook's tensors per step to DIR")

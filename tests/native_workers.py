@@ -194,3 +194,33 @@ def native_table_worker(rank: int, world: int, layouts: list[dict[str, Any]], fa
                 row["keys"] = sorted(set(keys))
                 out[f"{name}/{family}"] = row
     return out
+
+
+def native_probe_worker(rank: int, world: int) -> dict[str, Any]:
+    """A collective the router does not know (an all_reduce through attention_dispatch.dist inside an
+    attention) is counted as unrouted; remove() puts back every name it replaced."""
+    import compact_hooks as ch
+    from compact_hooks.integrations.diffusers import compress_native_context_parallel
+    from compact_hooks.integrations.diffusers.native_cpu import cpu_context_parallel
+    from diffusers import ContextParallelConfig
+    from diffusers.hooks import context_parallel
+    from diffusers.models import _modeling_parallel, attention_dispatch
+
+    names = [(attention_dispatch, "_all_to_all_single"), (attention_dispatch, "funcol"), (attention_dispatch, "dist"),
+             (context_parallel, "funcol"), (context_parallel, "dist"), (_modeling_parallel, "dist")]
+    before = [getattr(m, n) for m, n in names]
+    with cpu_context_parallel():
+        model = BUILDERS["flux"]()
+        model.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
+
+        def stray(module: nn.Module, args: tuple) -> None:
+            attention_dispatch.dist.all_reduce(torch.ones(1))
+
+        h = model.transformer_blocks[0].attn.register_forward_pre_hook(stray)
+        with compress_native_context_parallel(model, ch.PassthroughHook()) as handle:
+            sample(model, "flux", 2)
+            attention_dispatch.dist.all_reduce(torch.ones(1))  # outside the forward: not counted
+        h.remove()
+    st = handle.stats()
+    return {"unrouted": st["unrouted"], "unrouted_ops": st["unrouted_ops"],
+            "restored": all(getattr(m, n) is b for (m, n), b in zip(names, before))}

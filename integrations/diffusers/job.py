@@ -18,7 +18,9 @@ its latents, see ``compact_hooks.integrations.diffusers.model_dir``; default 256
 ``--record-trace DIR`` saves each step's tensor of the keys matching ``--trace-keys`` (or the config's
 top-level ``"trace": {"keys": [...]}``) as the hook sees it, for ``compact-hooks bench trace DIR``.
 Every rank runs the same pipeline call; the transformer is sequence-parallel
-(``parallelize``) with the config's hook. Unless ``--no-reference``, the same call is first run with
+(``parallelize``) with the config's hook; ``--mode native`` uses diffusers' own context parallelism
+instead (``enable_parallelism``, any transformer with a ``_cp_plan``; ``--ulysses-degree`` /
+``--ring-degree``, default Ulysses over all ranks) with every collective routed through the hook. Unless ``--no-reference``, the same call is first run with
 a :class:`PassthroughHook` (exact parallel output) and the compressed image is compared with it.
 Rank 0 writes ``image.png`` (``reference.png``) and ``stats.json`` to ``--out``.
 Also runnable as ``python -m compact_hooks.integrations.diffusers.job ARGS``.
@@ -27,6 +29,7 @@ Also runnable as ``python -m compact_hooks.integrations.diffusers.job ARGS``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import math
 import os
@@ -45,10 +48,11 @@ TRAINED_PROMPT = "0 1 2 3 4 5 6 7 8 9"
 
 
 def usp_degrees(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``ulysses_degree`` / ``ring_degree`` keywords of ``parallelize`` for ``--mode usp``."""
+    """The ``ulysses_degree`` / ``ring_degree`` keywords of ``parallelize`` for ``--mode usp``
+    (``--mode native`` reads them in ``native_job.enable_native``)."""
     if args.mode != "usp":
-        if args.ulysses_degree is not None or args.ring_degree is not None:
-            raise SystemExit("compact-hooks run: --ulysses-degree / --ring-degree need --mode usp")
+        if args.mode != "native" and (args.ulysses_degree is not None or args.ring_degree is not None):
+            raise SystemExit("compact-hooks run: --ulysses-degree / --ring-degree need --mode usp or native")
         return {}
     return {"ulysses_degree": args.ulysses_degree, "ring_degree": args.ring_degree}
 
@@ -335,7 +339,7 @@ def print_table(result: dict[str, Any]) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
-    from compact_hooks.integrations.diffusers import parallelize
+    from compact_hooks.integrations.diffusers.native_job import enable_native, native_session, parallel
 
     import compact_hooks as ch
     from compact_hooks.stats import write_json
@@ -343,6 +347,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = ch.load_config(args.config)
     note = block_note(args.config)
     rank, world, local_rank, owned = init_distributed(args)
+    session = contextlib.ExitStack()
     try:
         device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}") if torch.cuda.is_available() \
             else torch.device("cpu")
@@ -357,7 +362,9 @@ def main(args: argparse.Namespace) -> int:
             for name, value in defaults[args.model].items():
                 if getattr(args, name) is None:
                     setattr(args, name, value)
+        session.enter_context(native_session(args.mode, device.type))
         pipe, prompt, model_name = build_pipeline(args, device, dtype)
+        native = enable_native(pipe, args.ulysses_degree, args.ring_degree, world) if args.mode == "native" else None
         if args.steps is None:
             default = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
             args.steps = default.default if default is not None and isinstance(default.default, int) else 28
@@ -369,7 +376,7 @@ def main(args: argparse.Namespace) -> int:
         reference = ref_latents = None
         ref_seconds = None
         if not args.no_reference:
-            with parallelize(pipe, group, mode=args.mode, hook=ch.PassthroughHook(), **usp_degrees(args)):
+            with parallel(pipe, group, args.mode, ch.PassthroughHook(), usp_degrees(args)):
                 reference, ref_latents, ref_seconds = generate(pipe, prompt, args, device, "reference", show)
 
         hook = ch.build_hook(cfg)
@@ -378,11 +385,13 @@ def main(args: argparse.Namespace) -> int:
 
             hook = TraceRecorder(hook, args.record_trace, trace_patterns(args.trace_keys, args.config), rank,
                                  args.trace_steps)
-        with parallelize(pipe, group, mode=args.mode, hook=hook, **usp_degrees(args)):
+        with parallel(pipe, group, args.mode, hook, usp_degrees(args)) as handle:
             images, latents, seconds = generate(pipe, prompt, args, device, compressor_name(cfg), show)
+        # native mode: collectives that took torch.distributed unchanged (parallelize makes its own: none)
+        unrouted = handle.stats()["unrouted"] if args.mode == "native" else 0
         if args.record_trace:
             finish(hook, group, model=model_name, mode=args.mode, world_size=world, config=cfg.model_dump(mode="json"))
-        every = gather_stats({**hook.stats(), "hostname": socket.gethostname()}, world)
+        every = gather_stats({**hook.stats(), "hostname": socket.gethostname(), "unrouted": unrouted}, world)
         summary = summarize(every)
 
         if rank == 0:
@@ -398,12 +407,14 @@ def main(args: argparse.Namespace) -> int:
                 entry["latent_rel_l2"] = per_step_error[i] if i < len(per_step_error) else None
             result = {
                 "model": model_name, "mode": args.mode, "world_size": world, "compressor": compressor_name(cfg),
+                **({"ulysses_degree": native[0], "ring_degree": native[1]} if native else {}),
                 "hostnames": [s["hostname"] for s in every],
                 "hook": cfg.hook if cfg.enabled else "passthrough", "steps": args.steps,
                 "height": int(images.shape[-2]), "width": int(images.shape[-1]), "seed": args.seed,
                 "dtype": str(dtype).split(".")[-1],
                 "device": device.type, "raw_bytes": summary["raw_bytes"], "wire_bytes": summary["wire_bytes"],
-                "compression_ratio": summary["compression_ratio"], "latency_s": seconds,
+                "compression_ratio": summary["compression_ratio"], "unrouted": sum(s["unrouted"] for s in every),
+                "latency_s": seconds,
                 "reference_latency_s": ref_seconds, "quality": quality,
                 "per_layer": summary["per_layer"], "per_step": per_step,
                 "config": cfg.model_dump(mode="json"),
@@ -425,6 +436,7 @@ def main(args: argparse.Namespace) -> int:
             print_table(result)
             print(f"wrote {out / 'stats.json'} and {len(images)} image(s) to {out}/")
     finally:
+        session.close()
         if owned and dist.is_initialized():
             dist.destroy_process_group()
     return 0
