@@ -150,7 +150,7 @@ COMMANDS: dict[str, Entry] = {
     "pip install -e '.[diffusers]'": Elsewhere(EXTERNAL, "installs from the package registry (the extra exists)"),
     "compact-hooks run --config CONFIG.json [--model trained|random|PATH] [--prompt-embeds FILE] [--prompt TEXT] "
     "[--steps N] [--height H --width W] [--guidance-scale G] [--out DIR] [--seed S] "
-    "[--mode ulysses|allgather|ring|usp] [--ulysses-degree U --ring-degree R] [--dtype bf16|fp16|fp32] "
+    "[--mode ulysses|allgather|ring|usp|native] [--ulysses-degree U --ring-degree R] [--dtype bf16|fp16|fp32] "
     "[--no-reference] [--record-trace DIR [--trace-keys GLOBS] [--trace-steps N]] [--single-process]": Usage(),
     "torchrun --standalone --nproc-per-node 2 -m compact_hooks.integrations.diffusers.job --config ulysses-int2":
         Covered("tests/test_diffusers_job.py::test_run_job_two_ranks_writes_png_and_stats"),
@@ -163,6 +163,10 @@ COMMANDS: dict[str, Entry] = {
     "torchrun --standalone --nproc-per-node 4 -m compact_hooks.integrations.diffusers.job "
     "--model /path/to/FLUX.1-dev --config ulysses-int2 --prompt \"a lighthouse on a cliff at sunset\" "
     "--steps 28 --height 1024 --width 1024 --out out/flux": Elsewhere(GPU_ONLY, "FLUX.1-dev on 4 GPUs"),
+    "torchrun --standalone --nproc-per-node 4 --no-python compact-hooks run --mode native --ulysses-degree 2 "
+    "--ring-degree 2 --model /path/to/Wan2.1-T2V-1.3B-Diffusers --config ulysses-int2 "
+    "--prompt \"a red fox running through fresh snow\" --steps 30 --height 480 --width 832 --out out/wan":
+        Elsewhere(GPU_ONLY, "Wan 2.1 on 4 GPUs (tests/test_native_cp.py runs --mode native on CPU)"),
     "compact-hooks report out/flux/stats.json --out out/flux/report.png":
         Run(r"report\.png", (("out/flux", "out/trace_run"),), needs=(TRACE_RUN,)),
     # docs/failure-behaviour.md

@@ -36,7 +36,7 @@ MIN_RATIO = {"int8": 3.0, "int2": 6.0}
 LAYOUTS_2 = [
     {"ulysses_degree": 2},
     {"ring_degree": 2},
-    {"ulysses_degree": 2, "ulysses_anything": True, "text": 7, "families": ["flux", "flux2", "wan", "ltx"]},
+    {"ulysses_degree": 2, "ulysses_anything": True, "text": 7},
     # QwenImage builds a joint attention mask, which diffusers' ring_anything refuses.
     {"ring_degree": 2, "ring_anything": True, "text": 7, "families": ["flux", "flux2", "wan", "ltx"]},
 ]
