@@ -20,7 +20,8 @@ top-level ``"trace": {"keys": [...]}``) as the hook sees it, for ``compact-hooks
 Every rank runs the same pipeline call; the transformer is sequence-parallel
 (``parallelize``) with the config's hook; ``--mode native`` uses diffusers' own context parallelism
 instead (``enable_parallelism``, any transformer with a ``_cp_plan``; ``--ulysses-degree`` /
-``--ring-degree``, default Ulysses over all ranks) with every collective routed through the hook. Unless ``--no-reference``, the same call is first run with
+``--ring-degree``, default Ulysses over all ranks) with every collective routed through the hook.
+Unless ``--no-reference``, the same call is first run with
 a :class:`PassthroughHook` (exact parallel output) and the compressed image is compared with it.
 Rank 0 writes ``image.png`` (``reference.png``) and ``stats.json`` to ``--out``.
 Also runnable as ``python -m compact_hooks.integrations.diffusers.job ARGS``.
