@@ -112,6 +112,16 @@ class Fp8Compressor(Compressor):
         t.nan_to_num_(nan=0.0, posinf=self.fmax, neginf=-self.fmax).clamp_(-self.fmax, self.fmax)
         return [s16.reshape(-1), t.to(self.wire_dtype).view(torch.uint8).reshape(-1)]
 
+    def _values(self, codes: torch.Tensor) -> torch.Tensor:
+        """float32 values of ``uint8`` fp8 codes. The CPU casts e4m3 without vector code: there a
+        lookup in the 256 values of the format (built on the device, cached) is 3-4x faster; exact
+        either way."""
+        if codes.device.type == "cpu" and self.format == "e4m3":
+            table = self.device_cache.get(("fp8", self.format, codes.device), lambda: torch.arange(
+                256, dtype=torch.uint8, device=codes.device).view(self.wire_dtype).float())
+            return table.index_select(0, codes.int())
+        return codes.view(self.wire_dtype).float()
+
     def decode_body(self, body: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         n = numel_of(shape)
         if n == 0:
@@ -120,7 +130,7 @@ class Fp8Compressor(Compressor):
         tokens, channels, g, groups = self._layout(shape)
         ns = tokens * groups
         s32 = from_bytes(body, torch.bfloat16, ns).float()
-        values = from_bytes(body[2 * ns:], self.wire_dtype, n).float()
+        values = self._values(body[2 * ns:2 * ns + n])
         if channels % g == 0:
             values = values.view(ns, g).mul_(s32.unsqueeze(1))
         else:
