@@ -4,9 +4,8 @@ Launched on N ranks by ``torchrun --nproc-per-node N``, ``deepspeed --num_gpus N
 ``srun -n N`` (ranks found by ``compact_hooks.init_distributed``); started without a launcher it refuses
 and prints those command lines, unless ``--single-process`` (one rank, nothing parallel)::
 
-    torchrun --nproc-per-node 2 -m compact_hooks.integrations.diffusers.job \\
-        --config examples/configs/diffusers_ulysses_int2.json --out out
-    mpirun -np 2 compact-hooks run --config examples/configs/diffusers_ulysses_int2.json --out out
+    torchrun --nproc-per-node 2 -m compact_hooks.integrations.diffusers.job --config ulysses-int2 --out out
+    mpirun -np 2 compact-hooks run --config ulysses-int2 --out out
 
 Without ``--model`` (or with ``--model trained``) it loads the embedded trained FLUX-architecture digits
 model (``trained``: the prompt is class labels, default ``"0 1 ... 9"``, one image each; rank 0 also writes
