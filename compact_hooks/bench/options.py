@@ -71,6 +71,9 @@ def add_drift(kinds: argparse._SubParsersAction) -> None:
     drift.add_argument("--device", type=device_arg, default="auto", help="default: cuda when available, else cpu")
     drift.add_argument("--warmup-compressor", default=None,
                        help="send the first step with this codec (name or JSON spec) instead of in full")
+    drift.add_argument("--base-dtype", default="input",
+                       choices=["input", "float32", "bfloat16", "float16", "int8", "fp8"],
+                       help="how every stream stores its base (default: the input's dtype)")
     drift.add_argument("--json", action="store_true")
     drift.set_defaults(handler=Handler("compact_hooks.bench.drift:main_drift"))
 

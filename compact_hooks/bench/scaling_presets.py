@@ -3,16 +3,21 @@
 Per transformer block a sequence-parallel mode makes these compressed calls (keys in call order;
 ``s = ceil(S/P)`` tokens per rank, ``H`` hidden = heads x head_dim, ``P`` ranks)::
 
-    ulysses    q, k, v, o: all_to_all of [P, 1, s, H/P]    2(P-1) streams of s*H/P values each
+    ulysses    qkv (Q, K, V in one all_to_all of [P, 3, 1, s, H/P]), o: 2(P-1) streams of 3*s*H/P
+               and s*H/P values
     allgather  k, v: all_gather of [1, s, heads, D]        P streams of s*H (one per source, own included)
-    ring       k.hopN, v.hopN (N = 1..P-1): ring_exchange   2 streams (send, receive) of s*H
-    usp        Ulysses in groups of U ranks (q, k, v, then o) and a ring over R = P/U groups of
-               K/V blocks [1, U*s, heads/U, D] in between: 2(U-1) streams of s*H/U; 2 of U*s*H/U
+    ring       k, v: relays of [1, s, heads, D] (each block encoded once, forwarded P-1 hops):
+               P streams of s*H, P-1 payloads sent per step
+    usp        Ulysses in groups of U ranks (q, k, v, then o; 2(U-1) streams of s*H/U) and relays over
+               R = P/U groups of K/V blocks [1, U*s, heads/U, D] in between (R streams of s*H)
+
+The call structure is the integration's (integrations/diffusers/attention.py, usp.py): a change there
+shows up as a difference in the small-scale check (tests/test_bases.py).
 
 A base option stores each stream's base as bf16 (2 B per value), int8/fp8 (1 B per value padded to
 groups of 64, plus a 4-byte scale per group: :func:`compact_hooks.bases.quant_nbytes`), and offloaded
 (``base_device`` "cpu": the same bytes in host memory; the GPU holds the window of the current key and
-the next, at most the two largest consecutive keys). Wire bytes are the codec's exact payload
+the next, at most the two largest consecutive keys, three with relays, whose K and V are in flight together). Wire bytes are the codec's exact payload
 lengths; a step's wire bytes do not depend on the base option.
 """
 
@@ -103,20 +108,20 @@ def block_plan(mode: str, tokens: int, heads: int, head_dim: int, world: int,
     """The compressed calls of one attention block on one rank, in call order (``usp``: Ulysses in
     groups of ``ulysses_degree`` ranks, by default :func:`usp_degrees`)."""
     s, P, H = shard(tokens, world), world, heads * head_dim
-    if mode == "ulysses":
-        return [KeyPlan(r, "all_to_all", (1, s, H // P), 2 * (P - 1), P - 1, (P - 1) * s * H // P) for r in "qkvo"]
+    if mode == "ulysses":  # Q, K, V fused in one all-to-all (no rules telling them apart), then O
+        return [KeyPlan("qkv", "all_to_all", (3, 1, s, H // P), 2 * (P - 1), P - 1, 3 * (P - 1) * s * H // P),
+                KeyPlan("o", "all_to_all", (1, s, H // P), 2 * (P - 1), P - 1, (P - 1) * s * H // P)]
     if mode == "allgather":
         return [KeyPlan(r, "all_gather", (1, s, heads, head_dim), P, P - 1, (P - 1) * s * H) for r in "kv"]
-    if mode == "ring":
-        return [KeyPlan(f"{r}.hop{n}", "ring_exchange", (1, s, heads, head_dim), 2, 1, s * H)
-                for n in range(1, P) for r in "kv"]
+    if mode == "ring":  # relays: each block encoded once, forwarded P - 1 hops, one stream per source
+        return [KeyPlan(r, "ring_exchange", (1, s, heads, head_dim), P, P - 1, (P - 1) * s * H) for r in "kv"]
     if mode == "usp":
         U = ulysses_degree or usp_degrees(P, heads)[0]
         R = P // U
         a2a = [KeyPlan(r, "all_to_all", (1, s, H // U), 2 * (U - 1), U - 1, (U - 1) * s * H // U)
                for r in "qkvo"] if U > 1 else []
-        ring = [KeyPlan(f"ring_{r}.hop{n}", "ring_exchange", (1, U * s, heads // U, head_dim), 2, 1, U * s * H // U)
-                for n in range(1, R) for r in "kv"]
+        ring = [KeyPlan(f"ring_{r}", "ring_exchange", (1, U * s, heads // U, head_dim), R, R - 1, (R - 1) * U * s * H // U)
+                for r in "kv"] if R > 1 else []
         return a2a[:3] + ring + a2a[3:]
     raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
 
@@ -132,8 +137,10 @@ def memory(plan: list[KeyPlan], blocks: int, base_dtype: str, base_device: str) 
     total = blocks * sum(per_key)
     if base_device != "cpu":
         return {"device": total, "host": 0}
-    cycle = per_key * min(blocks, 2)  # consecutive keys, across a block boundary too
-    window = max(sum(cycle[(i + j) % len(cycle)] for j in range(PREFETCH_AHEAD + 1)) for i in range(len(cycle)))
+    # the current key, the prefetched next one(s), and for relays (K and V in flight together) one more
+    span = PREFETCH_AHEAD + 1 + any(k.op == "ring_exchange" for k in plan)
+    cycle = per_key * min(blocks, span)  # consecutive keys, across a block boundary too
+    window = max(sum(cycle[(i + j) % len(cycle)] for j in range(span)) for i in range(len(cycle)))
     return {"device": min(window, total), "host": total}
 
 
