@@ -142,7 +142,7 @@ def test_offloaded_bases_give_the_same_payloads_bit_for_bit(codec, bd, mode, see
     here = [Channel(c, mode, base_dtype) for _ in range(2)]
     away = [Channel(c, mode, base_dtype, offload=window) for _ in range(2)]
     for t, x in enumerate(walk((6, 96), 12, seed, 1.0)):
-        if codec == "auto":  # the planned residual path (Channel.residual) too
+        if codec == "auto" and t:  # the planned residual path (Channel.residual) too
             here[0].residual(x), away[0].residual(x)
         p, r = here[0].encode(x, t == 0)
         q, s = away[0].encode(x, t == 0)
@@ -150,9 +150,10 @@ def test_offloaded_bases_give_the_same_payloads_bit_for_bit(codec, bd, mode, see
         assert torch.equal(here[1].decode(p, x.shape, x.dtype, t == 0), away[1].decode(q, x.shape, x.dtype, t == 0))
         assert here[0].digest() == away[0].digest() == away[1].digest()
         assert all(isinstance(ch.base, bases.HostBase) for ch in away)  # between calls: on the host
-        assert sum(ch.memory_bytes() for ch in away) == 0
-        assert sum(ch.host_memory_bytes() for ch in away) == sum(ch.memory_bytes() for ch in here) - \
-            sum(bases.nbytes(ch.previous_x) for ch in here)
+        held = sum(bases.nbytes(ch.base) + bases.nbytes(ch.velocity) for ch in here)
+        assert sum(ch.host_memory_bytes() for ch in away) == held > 0
+        # on the device: only codec state (auto's activation norm), no base
+        assert sum(ch.memory_bytes() for ch in away) == sum(ch.memory_bytes() for ch in here) - held
 
 
 def test_offload_window_prefetches_the_next_key_and_stays_bounded():
@@ -234,8 +235,8 @@ def test_offloaded_bases_on_ranks_give_the_same_results_bit_for_bit():
 
 # -- formulas ------------------------------------------------------------------------------------
 def test_wan_preset_on_8_gpus_meets_the_issue_bounds():
-    from compact_hooks.bench.scaling_report import preset_rows
     from compact_hooks.bench.scaling_presets import PRESETS
+    from compact_hooks.bench.scaling_report import preset_rows
 
     (row,) = preset_rows(PRESETS["wan2.1-14b-720p-81f"], [8], ["ulysses"], "int2", "int8")
     b = row["bases"]

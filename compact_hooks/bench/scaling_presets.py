@@ -17,8 +17,9 @@ shows up as a difference in the small-scale check (tests/test_bases.py).
 A base option stores each stream's base as bf16 (2 B per value), int8/fp8 (1 B per value padded to
 groups of 64, plus a 4-byte scale per group: :func:`compact_hooks.bases.quant_nbytes`), and offloaded
 (``base_device`` "cpu": the same bytes in host memory; the GPU holds the window of the current key and
-the next, at most the two largest consecutive keys, three with relays, whose K and V are in flight together). Wire bytes are the codec's exact payload
-lengths; a step's wire bytes do not depend on the base option.
+the next, at most the two largest consecutive keys, three with relays, whose K and V are in flight
+together). Wire bytes are the codec's exact payload lengths; a step's wire bytes do not depend on the
+base option.
 """
 
 from __future__ import annotations
@@ -147,10 +148,10 @@ def memory(plan: list[KeyPlan], blocks: int, base_dtype: str, base_device: str) 
 def wire(plan: list[KeyPlan], blocks: int, compressor: Any, warmup: Any, steps: int, itemsize: int) -> dict[str, int]:
     """Bytes one rank sends: ``raw`` and ``wire`` per steady step, ``first_step`` (full sends, with the
     ``warmup`` codec when given), per image (``steps`` steps) raw and compressed."""
+    import torch
+
     from compact_hooks.registry import build_compressor
     from compact_hooks.wire import raw_nbytes
-
-    import torch
 
     codec = build_compressor(compressor)
     first_codec = build_compressor(warmup) if warmup is not None else None

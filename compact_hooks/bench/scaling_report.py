@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from compact_hooks.launcher.local import run_ranks
 
-from .scaling import HEADS, HEAD_DIM, TEXT, _worker
+from .scaling import HEAD_DIM, HEADS, TEXT, _worker
 from .scaling import main as main_classic
 from .scaling_presets import BASE_OPTIONS, MODES, PRESETS, Preset, block_plan, feasible, memory, usp_degrees, wire
 
@@ -123,7 +123,8 @@ def print_preset(result: dict[str, Any]) -> None:
               f"difference {100 * worst:.2f}% (<=: an offload window with relays, whose formula is a bound)")
         for r in check["rows"]:
             print(f"  {r['mode']:<9} {r['option']:<15} device {r['measured_device_bytes']:>9} "
-                  f"({'<=' if r['device_formula_is_bound'] else 'formula'} {r['formula_device_bytes']:>9}) host {r['measured_host_bytes']:>9} "
+                  f"({'<=' if r['device_formula_is_bound'] else 'formula'} {r['formula_device_bytes']:>9}) "
+                  f"host {r['measured_host_bytes']:>9} "
                   f"(formula {r['formula_host_bytes']:>9}) wire {r['measured_wire_bytes_per_step']:>7} "
                   f"(formula {r['formula_wire_bytes_per_step']:>7})")
 

@@ -8,8 +8,16 @@ when a kernel runs. See :mod:`.dispatch` for when they are used and :mod:`.group
 
 from .channel import decode as channel_decode
 from .channel import encode as channel_encode
-from .dispatch import (KERNEL_SETTINGS, check_setting, fused_base, implementation, interpreting, supports,
-                       triton_available, use_fused)
+from .dispatch import (
+    KERNEL_SETTINGS,
+    check_setting,
+    fused_base,
+    implementation,
+    interpreting,
+    supports,
+    triton_available,
+    use_fused,
+)
 
 __all__ = ["KERNEL_SETTINGS", "channel_decode", "channel_encode", "check_setting", "fused_base", "implementation",
            "interpreting", "supports", "triton_available", "use_fused"]
