@@ -33,9 +33,10 @@ from typing import Any, Optional, Union
 
 import torch
 
-from . import bases, finite
-from .bases import QUANT_KINDS, HostBase, OffloadWindow, QuantBase
+from . import bases
+from .bases import QUANT_KINDS, HostBase, OffloadWindow, QuantBase, saturate_ as _saturate_
 from .compressors.base import Compressor
+from .finite import clean as _clean, fit as _fit, poison_if as _poison_if
 from .config import CompactConfig, load_config
 from .kernels import channel_decode, channel_encode, check_setting, fused_base, use_fused
 from .registry import build_compressor
@@ -72,12 +73,12 @@ class Channel:
         """``t`` in the base dtype (``input_dtype`` when it is "input"), saturated to its finite range
         (a base never overflows to inf); ``owned``: ``t`` is a temporary that may be reused."""
         if isinstance(self.base_dtype, str):
-            return bases.quantize(bases.saturate_(t.float() if owned or t.dtype != torch.float32 else t.clone()),
+            return bases.quantize(_saturate_(t.float() if owned or t.dtype != torch.float32 else t.clone()),
                                   self.base_dtype)
         dtype = self.base_dtype or input_dtype
         if t.dtype == dtype and not owned:
             t = t.clone()
-        return bases.saturate_(t.to(dtype))
+        return _saturate_(t.to(dtype))
 
     def _predict(self) -> torch.Tensor:
         assert self.base is not None
@@ -87,7 +88,7 @@ class Channel:
         return pred
 
     def _set_full(self, x: torch.Tensor) -> None:
-        clean, flag = finite.clean(x, owned=False)
+        clean, flag = _clean(x, owned=False)
         self._count(flag)
         if self.mode == "none":
             return
@@ -111,7 +112,7 @@ class Channel:
         if self.mode == "ef2":
             self.velocity = self._store(bases.load(stored) - bases.load(self.base), dtype)
         self.base = stored
-        return finite.fit(stored if isinstance(stored, torch.Tensor) else bases.saturate_(value), dtype)
+        return _fit(stored if isinstance(stored, torch.Tensor) else _saturate_(value), dtype)
 
     # -- sender ----------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +143,7 @@ class Channel:
         if self._fused(x.device, x.shape):
             return channel_encode(self, x)
         if self.mode == "none":
-            clean, flag = finite.clean(x, owned=False)
+            clean, flag = _clean(x, owned=False)
             payload = self.compressor.encode(clean, self.codec_state)
             recon = self.compressor.decode(payload, x.shape, x.dtype)
         else:
@@ -154,12 +155,12 @@ class Channel:
                 residual = planned[1] if planned is not None and planned[0] is x else x.float() - self._predict()
             if self.compressor.wants_activation_norm:
                 self.codec_state["activation_norm"] = torch.linalg.vector_norm(x, dtype=torch.float32)
-            clean, flag = finite.clean(residual, owned=True)
+            clean, flag = _clean(residual, owned=True)
             payload = self.compressor.encode(clean, self.codec_state)
             recon = self._update(self.compressor.decode(payload, clean.shape, clean.dtype), x.dtype)
         payload[FLAGS_BYTE] = flag.to(torch.uint8)
         self._count(flag)
-        return payload, finite.poison_if(recon, flag)
+        return payload, _poison_if(recon, flag)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         """The float32 residual (``ef``/``ef2``) the next compressed :meth:`encode` of ``x`` sends, kept
@@ -172,13 +173,13 @@ class Channel:
 
     def _encode_warmup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A lossy full send: the warm-up codec encodes ``x`` itself; the base is the decoded tensor."""
-        clean, flag = finite.clean(x, owned=False)
+        clean, flag = _clean(x, owned=False)
         payload = self.warmup.encode(clean)
         payload[FLAGS_BYTE] = flag.to(torch.uint8)
         decoded = self._set_warmup_base(payload, tuple(x.shape), x.dtype, flag)
         if self.mode == "delta":
             self.previous_x = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-        return payload, finite.poison_if(decoded, flag)
+        return payload, _poison_if(decoded, flag)
 
     def _set_warmup_base(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
                          flag: torch.Tensor) -> torch.Tensor:
@@ -204,7 +205,7 @@ class Channel:
     def _decode(self, payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype, full: bool) -> torch.Tensor:
         if full and self.warmup is not None:
             flag = payload[FLAGS_BYTE] != 0
-            return finite.poison_if(self._set_warmup_base(payload, shape, dtype, flag), flag)
+            return _poison_if(self._set_warmup_base(payload, shape, dtype, flag), flag)
         if full:
             x = decode_raw(payload, shape, dtype)
             self._set_full(x)
@@ -214,9 +215,9 @@ class Channel:
         flag = payload[FLAGS_BYTE] != 0
         self._count(flag)
         if self.mode == "none":
-            return finite.poison_if(self.compressor.decode(payload, shape, dtype), flag)
+            return _poison_if(self.compressor.decode(payload, shape, dtype), flag)
         decoded = self.compressor.decode(payload, shape, torch.float32)
-        return finite.poison_if(self._update(decoded, dtype), flag)
+        return _poison_if(self._update(decoded, dtype), flag)
 
     # -- introspection ---------------------------------------------------------------------------
     def memory_bytes(self) -> int:
@@ -304,6 +305,8 @@ class Session:
         self.offload = OffloadWindow() if base_device == "cpu" else None
         self.kernels = check_setting(kernels)  # the payloads are the same either way: ranks may differ
         self.stats = stats if stats is not None else Stats()
+        # auto with a byte budget: the levels of each step, known to every rank (compact_hooks.budget)
+        self.budget = getattr(compressor, "make_planner", lambda: None)()
         self.request = 0
         self.step = 0
         self.keys: dict[str, KeyState] = {}  # stream name (see stream()) -> its state
@@ -382,6 +385,8 @@ class Session:
         self.agreed_tensors.clear()
         self.verified_headers.clear()
         self.auto_key_counts.clear()
+        if self.budget is not None:
+            self.budget.clear()
         self.stats.clear()
         self.request = self.step = 0
 

@@ -24,6 +24,7 @@ COMPACT_METHODS: dict[str, dict[str, Any]] = {
     "compact_int1": {"compressor": "int1"},
     "compact_lowrank": {"compressor": "lowrank"},
     "compact_auto": {"compressor": "auto"},
+    "compact_auto_at_int2": {"compressor": {"name": "auto", "bytes_of": "int2"}},  # int2's bytes, allocated per step
     "naive_fp8": {"compressor": "fp8", "residual": "none"},  # xDiT / cache-dit FP8 comms: e4m3, per-token scales
 }
 DEFAULT_AUTO_TARGET = 0.02

@@ -250,7 +250,8 @@ def compact(spec: Any, residual: str = "ef") -> CommHook:
 def method_block(block: dict[str, Any], lowrank: dict[str, Any], auto_target: float) -> dict[str, Any]:
     """A COMPACT_METHODS block with the bench's lowrank and auto specs filled in."""
     specs = {"lowrank": lowrank, "auto": {"name": "auto", "target_rel_error": auto_target}}
-    return {**block, "compressor": specs.get(block["compressor"], block["compressor"])}
+    codec = block["compressor"]
+    return {**block, "compressor": specs.get(codec, codec) if isinstance(codec, str) else codec}
 
 
 # ---- quality ------------------------------------------------------------------------------------

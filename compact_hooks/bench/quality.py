@@ -48,6 +48,10 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("compact int2", {"compressor": "int2", "residual": "ef"}),  # the default first step: int8
     ("compact int2 full first step", {"compressor": "int2", "residual": "ef", "warmup_compressor": None}),
     ("compact auto", {"compressor": {"name": "auto", "target_rel_error": 0.06}, "residual": "ef"}),
+    # auto with a byte budget: each fixed codec's own bytes, allocated per step across call sites (issue 24)
+    ("auto at int1 bytes", {"compressor": {"name": "auto", "bytes_of": "int1"}, "residual": "ef"}),
+    ("auto at int2 bytes", {"compressor": {"name": "auto", "bytes_of": "int2"}, "residual": "ef"}),
+    ("auto at int4 bytes", {"compressor": {"name": "auto", "bytes_of": "int4"}, "residual": "ef"}),
     ("compact int2cf", {"compressor": "int2cf", "residual": "ef"}),
     ("compact int4", {"compressor": "int4", "residual": "ef"}),
     ("compact lowrank", {"compressor": LOWRANK, "residual": "ef"}),

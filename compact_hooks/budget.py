@@ -1,0 +1,283 @@
+"""The byte budget of ``auto`` (``target_ratio`` / ``bytes_of``): which level each call site sends in a step.
+
+A *pool* is one directed link, ``(source rank, destination rank)`` (``None``: every rank, the streams of
+an all-gather). Its *sites* are the calls of a step on that link: ``(stream name, occurrence in the
+step)``. Every pool spends per step at most the sum of its sites' budgets, allocated at the step's
+first call from what the previous step measured (the call order of a step repeats):
+
+* every residual payload carries the residual's norm ``r`` and the error its level left ``e`` (two
+  bfloat16 in header bytes 12..15, in place of the element count, which receivers know), so sender
+  and receivers of a pool hold the same numbers;
+* a site's next residual is predicted as ``n^2 = max(r^2 - e_prev^2, 0) + e^2`` (this step's change,
+  ``r`` without last step's leftover, plus what is left now);
+* a level of relative squared error ``c^2`` costs ``n^2 c^2 / (1 - c^2)``: error feedback sends what
+  a level leaves again in the next steps (a skip counts as ``c^2 = 0.95``); ``c`` starts at typical
+  values and follows the pool's measured ``e / r`` per level, so nothing is tuned to one model;
+* greedy on the lower convex hull of each site's (bytes, cost) points: the largest reduction per
+  byte first, while the pool's budget lasts; then any finer level that still fits.
+
+Sender and receivers run the same code on the same bytes, so every rank knows every payload's size
+before the exchange: no length exchange, one host read per step (all norms of the step at once).
+A site with no measurement yet takes part with the pool's mean residual (after a full send) or sends
+the finest level within its own budget (a site new in this step). Deterministic: the same tensors give
+the same levels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+import torch
+
+Pool = tuple[int, Optional[int]]
+Site = tuple[str, int]
+EMA = 0.5  # weight of a step's measured level error against the running value
+HUGE = 1e30  # a non-finite norm (an overflowing residual) counts as this
+SKIP_C2 = 0.95  # a skip leaves the whole residual; counted as a level that sends 5% of it (a finite cost)
+
+
+def loop(c2: float) -> float:
+    """The squared error a level of relative squared error ``c2`` costs over the steps error feedback
+    carries it (``c2 / (1 - c2)``: sent again at the same level each step)."""
+    c2 = min(max(c2, 0.0), SKIP_C2)
+    return c2 / (1.0 - c2)
+
+
+class BudgetCodec(Protocol):
+    """What the planner needs of the codec (``AdaptiveCompressor`` in budget mode)."""
+
+    typical_errors: tuple[float, ...]  # per level 1..K (skip is 1.0)
+
+    def level_nbytes(self, level: int, shape: tuple[int, ...], dtype: torch.dtype) -> int: ...  # float32 residuals
+
+    def site_budget(self, shape: tuple[int, ...], dtype: torch.dtype) -> int: ...
+
+    def default_level(self, shape: tuple[int, ...], dtype: torch.dtype) -> int: ...
+
+    def payload_stats(self, payload: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class _Seen:
+    """One measured call of a step."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    level: int
+    stats: Optional[torch.Tensor]  # the payload's 4 stats bytes (device); None: a full send
+
+
+@dataclass
+class _PoolState:
+    seen: dict[Site, _Seen] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # calls of each stream in this step
+    levels: dict[Site, int] = field(default_factory=dict)  # this step's allocation
+    errors: dict[Site, float] = field(default_factory=dict)  # last step's e per site (for the prediction)
+    c2: list[float] = field(default_factory=list)  # running c_L^2 per level 1..K
+
+
+def hull(points: list[tuple[int, float]]) -> list[int]:
+    """Indices of the lower convex hull of ``(bytes, error)`` points (sorted by bytes, errors falling),
+    from the first point on: the levels worth moving through in order."""
+    order = [0]
+    for i in range(1, len(points)):
+        if points[i][1] >= points[order[-1]][1]:
+            continue  # more bytes, no less error
+        while len(order) >= 2:
+            (b0, e0), (b1, e1), (b2, e2) = points[order[-2]], points[order[-1]], points[i]
+            # drop the middle point when it lies on or above the line from the first to the new one
+            if (e0 - e1) * (b2 - b0) <= (e0 - e2) * (b1 - b0):
+                order.pop()
+            else:
+                break
+        order.append(i)
+    return order
+
+
+def allocate(costs: list[list[int]], errors: list[list[float]], budget: int) -> list[int]:
+    """Levels for sites with ``costs[s][L]`` bytes and ``errors[s][L]`` expected squared error at level
+    ``L`` (level 0 always affordable): every site starts at 0, then the hull steps with the largest
+    error reduction per byte are taken in order while they fit in ``budget``. Ties: site order."""
+    levels = [0] * len(costs)
+    spent = sum(c[0] for c in costs)
+    steps = []
+    for s, (c, e) in enumerate(zip(costs, errors)):
+        path = hull(list(zip(c, e)))
+        for a, b in zip(path, path[1:]):
+            steps.append(((e[a] - e[b]) / max(c[b] - c[a], 1), s, a, b))
+    steps.sort(key=lambda t: (-t[0], t[1], t[2]))
+    stopped: set[int] = set()
+    for _, s, a, b in steps:
+        if s in stopped or levels[s] != a:
+            continue
+        extra = costs[s][b] - costs[s][a]
+        if spent + extra > budget:
+            stopped.add(s)  # the site's later steps are dearer per unit of error: it stays here
+            continue
+        levels[s], spent = b, spent + extra
+    while True:  # what is left: any finer level that still fits, best reduction per byte first
+        best: Optional[tuple[float, int, int]] = None
+        for s, (c, e) in enumerate(zip(costs, errors)):
+            for b in range(levels[s] + 1, len(c)):
+                extra = c[b] - c[levels[s]]
+                if 0 < extra <= budget - spent and e[b] < e[levels[s]]:
+                    gain = (e[levels[s]] - e[b]) / extra
+                    if best is None or gain > best[0]:
+                        best = (gain, s, b)
+        if best is None:
+            return levels
+        _, s, b = best
+        spent += costs[s][b] - costs[s][levels[s]]
+        levels[s] = b
+
+
+class BudgetPlanner:
+    """The allocation of one Session's budgeted ``auto`` (see the module docstring)."""
+
+    def __init__(self, codec: BudgetCodec) -> None:
+        self.codec = codec
+        self.pools: dict[Pool, _PoolState] = {}
+        self.current: Optional[tuple[int, int]] = None  # (request, step) of the current allocation
+        self.rolls = 0  # allocations made (tests)
+
+    def clear(self) -> None:
+        self.pools.clear()
+        self.current = None
+
+    def _pool(self, pool: Pool) -> _PoolState:
+        state = self.pools.get(pool)
+        if state is None:
+            state = self.pools[pool] = _PoolState(c2=[c * c for c in self.codec.typical_errors])
+        return state
+
+    def begin(self, request: int, step: int) -> None:
+        """Called at every budgeted call: on the first call of a step, allocate it from the previous
+        step's measurements (the next step of the same request) or forget them (any other jump)."""
+        now = (request, step)
+        if self.current == now:
+            return
+        follows = self.current is not None and self.current == (request, step - 1)
+        self.current = now
+        if follows:
+            self._roll()
+        else:
+            for state in self.pools.values():
+                state.seen.clear()
+                state.levels.clear()
+                state.errors.clear()
+        for state in self.pools.values():
+            state.counts.clear()
+
+    def site(self, pool: Pool, stream: str) -> Site:
+        """The site of the next call of ``stream`` on ``pool`` in this step (counts the call)."""
+        state = self._pool(pool)
+        n = state.counts.get(stream, 0)
+        state.counts[stream] = n + 1
+        return (stream, n)
+
+    def level(self, pool: Pool, site: Site, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """The level ``site`` sends at in this step (sender and receivers get the same)."""
+        level = self._pool(pool).levels.get(site)
+        return self.codec.default_level(shape, dtype) if level is None else level
+
+    def observe(self, pool: Pool, site: Site, shape: tuple[int, ...], dtype: torch.dtype, level: int,
+                stats: Optional[torch.Tensor]) -> None:
+        """Keep a payload's stats bytes (a copy) for the next step's allocation; ``stats`` ``None``: a full
+        send (the site takes part in the next allocation with the pool's mean residual)."""
+        self._pool(pool).seen[site] = _Seen(tuple(shape), dtype, level, None if stats is None else stats.clone())
+
+    def _roll(self) -> None:
+        """Allocate the new step of every pool from the last step's measurements (one host read)."""
+        entries = [(state, site, seen) for state in self.pools.values() for site, seen in sorted(state.seen.items())]
+        stats = [seen.stats for _, _, seen in entries if seen.stats is not None]
+        values = iter(torch.stack(stats).view(torch.bfloat16).float().cpu().tolist() if stats else [])
+        measured: dict[int, list[tuple[Site, _Seen, float, float]]] = {}
+        for state, site, seen in entries:
+            r, e = (v if math.isfinite(v) else HUGE for v in next(values)) if seen.stats is not None else (0.0, 0.0)
+            measured.setdefault(id(state), []).append((site, seen, r, e))
+        self.rolls += 1
+        for state in self.pools.values():
+            rows = measured.get(id(state), [])
+            self._learn(state, rows)
+            state.levels = self._allocate(state, rows)
+            state.errors = {site: e for site, seen, _, e in rows if seen.stats is not None}
+            state.seen.clear()
+
+    def _learn(self, state: _PoolState, rows: list[tuple[Site, _Seen, float, float]]) -> None:
+        """Follow the measured relative error of each level used in the step."""
+        for level in range(1, len(state.c2) + 1):
+            r2 = sum(r * r for _, seen, r, _ in rows if seen.level == level and seen.stats is not None)
+            e2 = sum(e * e for _, seen, _, e in rows if seen.level == level and seen.stats is not None)
+            if r2 > 0 and math.isfinite(r2) and math.isfinite(e2):
+                state.c2[level - 1] = (1 - EMA) * state.c2[level - 1] + EMA * min(e2 / r2, 1.0)
+
+    def _allocate(self, state: _PoolState, rows: list[tuple[Site, _Seen, float, float]]) -> dict[Site, int]:
+        codec = self.codec
+        costs, errors, budget = [], [], 0
+        predicted = [None if seen.stats is None else max(r * r - state.errors.get(site, 0.0) ** 2, 0.0) + e * e
+                     for site, seen, r, e in rows]
+        known = [n2 for n2 in predicted if n2 is not None]
+        mean = sum(known) / len(known) if known else 1.0
+        for (site, seen, r, e), n2 in zip(rows, predicted):
+            n2 = mean if n2 is None else n2  # a full send: no residual measured yet
+            levels = range(len(state.c2) + 1)
+            costs.append([codec.level_nbytes(level, seen.shape, torch.float32) for level in levels])
+            # error feedback carries a level's error into the next steps: c^2 n^2 (1 + c^2 + c^4 + ...)
+            errors.append([n2 * loop(c2) for c2 in (SKIP_C2, *state.c2)])
+            budget += codec.site_budget(seen.shape, seen.dtype)
+        chosen = allocate(costs, errors, budget)
+        return {site: level for (site, _, _, _), level in zip(rows, chosen)}
+
+    def exchange(self, request: int, step: int, stream: str, shape: tuple[int, ...], dtype: torch.dtype, full: bool,
+                 sends: list[Pool], receives: list[Pool]) -> "Exchange":
+        """One collective's budgeted payloads: the levels this rank sends on each pool of ``sends`` and
+        the levels (hence sizes) it receives on each pool of ``receives`` (a full send: level 0 and the
+        full payload's size, measured by no one)."""
+        self.begin(request, step)
+        out = [(pool, self.site(pool, stream)) for pool in sends]
+        into = [(pool, self.site(pool, stream)) for pool in receives]
+        return Exchange(self, tuple(shape), dtype, full,
+                        [(pool, site, 0 if full else self.level(pool, site, shape, dtype)) for pool, site in out],
+                        [(pool, site, 0 if full else self.level(pool, site, shape, dtype)) for pool, site in into])
+
+    def describe(self) -> dict[str, Any]:
+        """The current allocation per pool (tests, debugging)."""
+        return {f"{src}->{'*' if dst is None else dst}": dict(state.levels) for (src, dst), state in self.pools.items()}
+
+
+@dataclass
+class Exchange:
+    """The budgeted streams of one collective call (see :meth:`BudgetPlanner.exchange`)."""
+
+    planner: BudgetPlanner
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    full: bool
+    sends: list[tuple[Pool, Site, int]]
+    receives: list[tuple[Pool, Site, int]]
+
+    @property
+    def send_levels(self) -> list[int]:
+        return [level for _, _, level in self.sends]
+
+    def receive_nbytes(self, full_nbytes: int) -> list[int]:
+        """The size of each received payload (``full_nbytes``: a full send's)."""
+        codec = self.planner.codec
+        return [full_nbytes if self.full else codec.level_nbytes(level, self.shape, torch.float32)
+                for _, _, level in self.receives]
+
+    def sent(self, payloads: list[torch.Tensor]) -> None:
+        """Measure the payloads sent (in the order of ``sends``)."""
+        self._observe(self.sends, payloads)
+
+    def received(self, payloads: list[torch.Tensor]) -> None:
+        """Measure the payloads received (in the order of ``receives``)."""
+        self._observe(self.receives, payloads)
+
+    def _observe(self, streams: list[tuple[Pool, Site, int]], payloads: list[torch.Tensor]) -> None:
+        codec = self.planner.codec
+        for (pool, site, level), payload in zip(streams, payloads):
+            stats = None if self.full else codec.payload_stats(payload)
+            self.planner.observe(pool, site, self.shape, self.dtype, level, stats)
