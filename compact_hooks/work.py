@@ -47,6 +47,20 @@ class Pending(Protocol):
     def wait(self) -> None: ...
 
 
+class Watch:
+    """A work seen as a wire stage that is never waited on: a wrapper's ``finish`` runs its own code
+    before it waits on (and so decodes) the inner work itself."""
+
+    def __init__(self, work: "CollectiveWork") -> None:
+        self.work = work
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
+
+    def wait(self) -> None:
+        """Nothing: the wrapper's ``finish`` calls ``work.wait()``."""
+
+
 class WorkFuture(torch.futures.Future):
     """A Future whose ``wait()`` drives its work's decode on the calling thread (see the module)."""
 

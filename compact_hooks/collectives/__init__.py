@@ -5,10 +5,11 @@
 * :mod:`.compressed`: the same collectives moving codec payloads through a
   :class:`~compact_hooks.residual.Session`'s channels;
 * :mod:`.protocol`: the settings handshake, header checks and base verification;
-* :mod:`.transport`: waiting with a timeout and the byte-level exchanges;
-* :mod:`.transfer`: a wire stage in flight (async ops started under the timeout, waited once).
+* :mod:`.transport`: waiting with a timeout, the byte-level exchanges and their ``start_*`` forms
+  (a :class:`~.transport.Transfer` is one wire stage in flight).
 
-Every plain collective has a ``start_*`` form returning a :class:`~compact_hooks.work.CollectiveWork`.
+Every plain and compressed collective has a ``start_*`` form returning a
+:class:`~compact_hooks.work.CollectiveWork` (encode now, wire in flight, decode at ``wait()``).
 
 A group of size 1 returns at once.
 """
@@ -21,6 +22,11 @@ from .compressed import (
     plain_is_cheaper,
     plain_recorded,
     reduce_chunks,
+    start_compressed_all_gather,
+    start_compressed_all_reduce,
+    start_compressed_all_to_all,
+    start_compressed_ring_exchange,
+    start_plain_recorded,
 )
 from .plain import (
     all_gather,
@@ -50,15 +56,16 @@ from .protocol import (
     raise_if_any,
     verify_headers,
 )
-from .transfer import Transfer, start_transfer
 from .transport import (
     Group,
+    Transfer,
     all_gather_bytes,
     all_to_all_bytes,
     device_of,
     exchange_ring,
     gather_texts,
     group_ranks,
+    start_transfer,
     transport_timeout,
     wait,
 )
@@ -70,5 +77,7 @@ __all__ = [
     "global_rank", "group_rank", "group_ranks", "group_size", "header_problem", "maybe_verify", "plain_bytes",
     "plain_is_cheaper", "plain_recorded", "raise_if_any", "reduce_chunks", "ring_exchange", "transport_timeout",
     "verify_headers", "wait", "Transfer", "ring_ops", "start_all_gather", "start_all_reduce", "start_all_reduce_",
-    "start_all_to_all", "start_plain", "start_ring_exchange", "start_transfer",
+    "start_all_to_all", "start_plain", "start_ring_exchange", "start_transfer", "start_compressed_all_gather",
+    "start_compressed_all_reduce", "start_compressed_all_to_all", "start_compressed_ring_exchange",
+    "start_plain_recorded",
 ]

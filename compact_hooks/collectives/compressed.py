@@ -1,6 +1,15 @@
 """Compressed collectives: codec payloads through the same torch.distributed calls as the plain
 ones, reconstructed through the channels of a :class:`~compact_hooks.residual.Session`.
 
+Each collective is staged (``start_compressed_*`` returns a :class:`~compact_hooks.work.CollectiveWork`):
+**encode** at start (``Session.prepare``, every stream's residual encoded, sender bases updated),
+**wire** in flight (async torch.distributed ops under the session's ``timeout_s``), **decode** at
+``wait()`` (headers of a key's first full send verified, receiver bases updated, stats recorded, the
+error sample and ``maybe_verify``). ``compressed_*`` is ``start_compressed_*(...).wait()``. A stream's
+base thus changes only in its own call's stages, in call order; the decode runs on the caller's thread
+(see :mod:`compact_hooks.work`). all_reduce's second stage (the all-gather of the reduced chunks, which
+needs the first stage's decode) runs at ``wait()``.
+
 Bytes recorded per call are what this rank sends under a ring / pairwise algorithm: ``raw`` is
 always :func:`~compact_hooks.collectives.plain.plain_bytes` of the op and tensor (what the plain
 collective would send), ``wire`` the payload bytes really sent. When the steady-state payloads
@@ -8,27 +17,34 @@ of a call would not be smaller than the plain collective (tiny tensors, where he
 dominate), the call takes the plain collective instead: compression never sends more than plain.
 
 Codecs whose payload length varies per call (``variable_size``, e.g. ``auto``) exchange lengths
-first (8 bytes per payload, counted in ``wire``) and then send exactly the payload bytes.
+first (8 bytes per payload, counted in ``wire``) and then send exactly the payload bytes; the length
+exchange blocks inside start (only the payload transfer is in flight).
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 
 from ..residual import Session
+from ..stats import KeyStats
+from ..work import CollectiveWork
 from .plain import all_gather, all_reduce, all_to_all, check_rows, global_rank, group_rank, group_size, plain_bytes
 from .plain import ring_exchange as plain_ring_exchange
+from .plain import start_plain
 from .protocol import maybe_verify, verify_headers
 from .transport import (
     SIZE_NBYTES,
     Group,
-    all_gather_bytes,
-    all_gather_varlen,
-    all_to_all_bytes,
-    all_to_all_varlen,
-    exchange_ring,
-    exchange_ring_varlen,
+    Transfer,
     group_ranks,
+    start_all_gather_bytes,
+    start_all_gather_varlen,
+    start_all_to_all_bytes,
+    start_all_to_all_varlen,
+    start_exchange_ring,
+    start_exchange_ring_varlen,
 )
 
 
@@ -54,59 +70,56 @@ def plain_is_cheaper(session: Session, op: str, x: torch.Tensor, size: int) -> b
     return payload >= _nbytes(x) // (size if op == "all_to_all" else 1)
 
 
-def plain_recorded(session: Session, key: str, op: str, x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
-    """The plain collective of ``op`` (waiting at most the session's ``timeout_s``), recorded in the
-    session's stats with raw = wire = its :func:`plain_bytes`."""
+def start_plain_recorded(session: Session, key: str, op: str, x: torch.Tensor, group: Group,
+                         dim: int = 0) -> CollectiveWork:
+    """Start the plain collective of ``op`` (waiting at most the session's ``timeout_s``), recorded at
+    ``wait()`` in the session's stats with raw = wire = its :func:`plain_bytes`."""
     sent = plain_bytes(op, _nbytes(x), group_size(group))
-    session.stats.record(key, op, sent, sent, False, group_ranks(group), plain=True)
-    timeout = session.timeout_s
-    if op == "all_gather":
-        return all_gather(x, group, dim, timeout)
-    if op == "all_to_all":
-        return all_to_all(x, group, timeout)
-    if op == "all_reduce":
-        return all_reduce(x, group, timeout)
-    return plain_ring_exchange(x, group, timeout)
+    inner = start_plain(op, x, group, dim, session.timeout_s)
+
+    def finish() -> torch.Tensor:
+        out = inner.wait()
+        session.stats.record(key, op, sent, sent, False, group_ranks(group), plain=True)
+        return out
+    return CollectiveWork([inner], finish, x.device)
 
 
-def _gather_payloads(payload: torch.Tensor, full: bool, session: Session, key: str, group: Group,
-                     dtype: torch.dtype, numel: int, what: str) -> tuple[list[torch.Tensor], int]:
-    """Every rank's payload of an all-gather stage and the bytes this rank sent per peer (a length
-    first for variable-size codecs); the headers of a key's first full send are verified."""
-    if session.compressor.variable_size and not full:
-        return all_gather_varlen(payload, group, session.timeout_s, what), payload.numel() + SIZE_NBYTES
-    gathered = all_gather_bytes(payload, group, session.timeout_s, what)
-    if full:
-        verify_headers(gathered, session, key, group, dtype, numel)
-    return list(gathered), payload.numel()
+def plain_recorded(session: Session, key: str, op: str, x: torch.Tensor, group: Group, dim: int = 0) -> torch.Tensor:
+    """:func:`start_plain_recorded`, waited."""
+    return start_plain_recorded(session, key, op, x, group, dim).wait()
 
 
-def compressed_all_gather(x: torch.Tensor, group: Group, session: Session, key: str, dim: int = 0) -> torch.Tensor:
-    """Like :func:`~compact_hooks.collectives.plain.all_gather`; every rank's tensor travels as a
-    compressed residual. The local slice of the result is the exact local ``x``."""
-    size = group_size(group)
-    if size == 1:
-        return x
-    if plain_is_cheaper(session, "all_gather", x, size):
-        return plain_recorded(session, key, "all_gather", x, group, dim)
-    shape = tuple(x.shape)
-    rank = group_rank(group)
-    ranks = group_ranks(group)
-    stream = session.stream(key, ranks)  # the key's streams on this group
-    full = session.prepare(stream, shape, x.dtype)
-    payload, _ = session.channel(stream, global_rank(group, rank)).encode(x, full)
-    gathered, sent = _gather_payloads(payload, full, session, stream, group, x.dtype, x.numel(),
-                                      f"all_gather of {stream!r}")
-    parts = [x if j == rank else
-             session.channel(stream, global_rank(group, j)).decode(gathered[j], shape, x.dtype, full)
-             for j in range(size)]
-    ks = session.stats.record(key, "all_gather", plain_bytes("all_gather", _nbytes(x), size), (size - 1) * sent, full,
-                              ranks)
-    out = torch.cat(parts, dim=dim)
+def _check_and_verify(session: Session, ks: KeyStats, out: torch.Tensor, exact: Callable[[], torch.Tensor],
+                      group: Group, streams: list[str]) -> None:
+    """The decode's bookkeeping: an error sample every ``error_every`` calls (a plain collective
+    for the exact result), then the periodic base checksums of each stream."""
     if session.stats.wants_error(ks):
-        session.stats.record_error(ks, out, all_gather(x, group, dim, session.timeout_s))
-    maybe_verify(session, stream, group)
-    return out
+        session.stats.record_error(ks, out, exact())
+    for stream in streams:
+        maybe_verify(session, stream, group)
+
+
+class _GatherStage:
+    """The all-gather stage of one stream per source: every rank's payload in flight; ``received()``
+    (after the transfer) checks the headers of a key's first full send."""
+
+    def __init__(self, payload: torch.Tensor, full: bool, session: Session, stream: str, group: Group,
+                 dtype: torch.dtype, numel: int, what: str) -> None:
+        self.full, self.session, self.stream, self.group, self.dtype, self.numel = full, session, stream, group, dtype, numel
+        self.varlen = session.compressor.variable_size and not full
+        self.transfer: Transfer
+        if self.varlen:
+            self.transfer, self.gathered = start_all_gather_varlen(payload, group, session.timeout_s, what)
+            self.sent = payload.numel() + SIZE_NBYTES  # per peer
+        else:
+            self.transfer, gathered = start_all_gather_bytes(payload, group, session.timeout_s, what)
+            self.gathered, self.sent, self._rows = list(gathered), payload.numel(), gathered
+
+    def received(self) -> list[torch.Tensor]:
+        self.transfer.wait()
+        if self.full:
+            verify_headers(self._rows, self.session, self.stream, self.group, self.dtype, self.numel)
+        return self.gathered
 
 
 def _plan_levels(session: Session, key: str, me: int, streams: list[tuple[int, torch.Tensor]]) -> None:
@@ -120,57 +133,109 @@ def _plan_levels(session: Session, key: str, me: int, streams: list[tuple[int, t
                             [chunk for _, chunk in streams])
 
 
-def _exchange_chunks(chunks: list[torch.Tensor], group: Group, session: Session, key: str,
-                     full: bool) -> tuple[list[torch.Tensor], int]:
-    """Send ``chunks[j]`` to rank ``j`` as compressed residuals; return the received chunks
-    (own chunk exact) and the bytes this rank sent."""
+class _ChunkStage:
+    """The all-to-all stage of compressed residuals: ``chunks[j]`` for rank ``j`` encoded and in
+    flight at construction; ``received()`` (after the transfer) checks headers and decodes."""
+
+    def __init__(self, chunks: list[torch.Tensor], group: Group, session: Session, stream: str, full: bool) -> None:
+        size = group_size(group)
+        self.rank, self.me = group_rank(group), global_rank(group, group_rank(group))
+        self.chunks, self.group, self.session, self.stream, self.full = chunks, group, session, stream, full
+        self.varlen = session.compressor.variable_size and not full
+        rank, me = self.rank, self.me
+        if self.varlen:
+            _plan_levels(session, stream, me, [(global_rank(group, j), c) for j, c in enumerate(chunks) if j != rank])
+        payloads = [None if j == rank else session.channel(stream, me, global_rank(group, j)).encode(chunk, full)[0]
+                    for j, chunk in enumerate(chunks)]
+        what = f"all_to_all of {stream!r}"
+        self.transfer: Transfer
+        if self.varlen:
+            self.transfer, self.recv = start_all_to_all_varlen(payloads, group, session.timeout_s, what)
+            self.sent = sum(p.numel() + SIZE_NBYTES for p in payloads if p is not None)
+        else:
+            nbytes = next(p.numel() for p in payloads if p is not None)
+            own = payloads[(rank + 1) % size].new_zeros(nbytes)
+            self.transfer, self.rows = start_all_to_all_bytes(torch.stack([own if p is None else p for p in payloads]),
+                                                              group, session.timeout_s, what)
+            self.recv = list(self.rows)
+            self.sent = (size - 1) * nbytes
+
+    def received(self) -> list[torch.Tensor]:
+        """The received chunks (own chunk exact), decoded through the receivers' channels."""
+        self.transfer.wait()
+        session, chunks, rank = self.session, self.chunks, self.rank
+        shape, dtype = tuple(chunks[0].shape), chunks[0].dtype
+        if self.full:
+            others = torch.cat([self.rows[:rank], self.rows[rank + 1:]])
+            verify_headers(others, session, self.stream, self.group, dtype, chunks[0].numel())
+        return [chunks[j] if j == rank else
+                session.channel(self.stream, global_rank(self.group, j), self.me).decode(self.recv[j], shape, dtype,
+                                                                                         self.full)
+                for j in range(len(chunks))]
+
+
+def start_compressed_all_gather(x: torch.Tensor, group: Group, session: Session, key: str,
+                                dim: int = 0) -> CollectiveWork:
+    """Start :func:`compressed_all_gather`: encode now, gather in the background, decode at ``wait()``."""
     size = group_size(group)
+    if size == 1:
+        return CollectiveWork.completed(x)
+    if plain_is_cheaper(session, "all_gather", x, size):
+        return start_plain_recorded(session, key, "all_gather", x, group, dim)
+    shape = tuple(x.shape)
     rank = group_rank(group)
-    me = global_rank(group, rank)
-    if session.compressor.variable_size and not full:
-        _plan_levels(session, key, me, [(global_rank(group, j), c) for j, c in enumerate(chunks) if j != rank])
-    payloads = [None if j == rank else session.channel(key, me, global_rank(group, j)).encode(chunk, full)[0]
-                for j, chunk in enumerate(chunks)]
-    shape, dtype = tuple(chunks[0].shape), chunks[0].dtype
-    what = f"all_to_all of {key!r}"
-    if session.compressor.variable_size and not full:
-        recv = all_to_all_varlen(payloads, group, session.timeout_s, what)
-        sent = sum(p.numel() + SIZE_NBYTES for p in payloads if p is not None)
-    else:
-        nbytes = next(p.numel() for p in payloads if p is not None)
-        own = payloads[(rank + 1) % size].new_zeros(nbytes)
-        recv = all_to_all_bytes(torch.stack([own if p is None else p for p in payloads]), group, session.timeout_s, what)
-        sent = (size - 1) * nbytes
-        if full:
-            others = torch.cat([recv[:rank], recv[rank + 1:]])
-            verify_headers(others, session, key, group, dtype, chunks[0].numel())
-    out = [chunks[j] if j == rank else
-           session.channel(key, global_rank(group, j), me).decode(recv[j], shape, dtype, full)
-           for j in range(size)]
-    return out, sent
+    ranks = group_ranks(group)
+    stream = session.stream(key, ranks)  # the key's streams on this group
+    full = session.prepare(stream, shape, x.dtype)
+    payload, _ = session.channel(stream, global_rank(group, rank)).encode(x, full)
+    stage = _GatherStage(payload, full, session, stream, group, x.dtype, x.numel(), f"all_gather of {stream!r}")
+
+    def finish() -> torch.Tensor:
+        gathered = stage.received()
+        parts = [x if j == rank else
+                 session.channel(stream, global_rank(group, j)).decode(gathered[j], shape, x.dtype, full)
+                 for j in range(size)]
+        ks = session.stats.record(key, "all_gather", plain_bytes("all_gather", _nbytes(x), size),
+                                  (size - 1) * stage.sent, full, ranks)
+        out = torch.cat(parts, dim=dim)
+        _check_and_verify(session, ks, out, lambda: all_gather(x, group, dim, session.timeout_s), group, [stream])
+        return out
+    return CollectiveWork([stage.transfer], finish, x.device)
+
+
+def compressed_all_gather(x: torch.Tensor, group: Group, session: Session, key: str, dim: int = 0) -> torch.Tensor:
+    """Like :func:`~compact_hooks.collectives.plain.all_gather`; every rank's tensor travels as a
+    compressed residual. The local slice of the result is the exact local ``x``."""
+    return start_compressed_all_gather(x, group, session, key, dim).wait()
+
+
+def start_compressed_all_to_all(x: torch.Tensor, group: Group, session: Session, key: str) -> CollectiveWork:
+    """Start :func:`compressed_all_to_all`: encode now, exchange in the background, decode at ``wait()``."""
+    size = group_size(group)
+    if size == 1:
+        return CollectiveWork.completed(x)
+    check_rows(x, size)
+    if plain_is_cheaper(session, "all_to_all", x, size):
+        return start_plain_recorded(session, key, "all_to_all", x, group)
+    chunks = list(x.chunk(size, dim=0))
+    ranks = group_ranks(group)
+    stream = session.stream(key, ranks)  # the key's streams on this group
+    full = session.prepare(stream, tuple(chunks[0].shape), x.dtype)
+    stage = _ChunkStage(chunks, group, session, stream, full)
+
+    def finish() -> torch.Tensor:
+        out = torch.cat(stage.received(), dim=0)
+        ks = session.stats.record(key, "all_to_all", plain_bytes("all_to_all", _nbytes(x), size), stage.sent, full,
+                                  ranks)
+        _check_and_verify(session, ks, out, lambda: all_to_all(x, group, session.timeout_s), group, [stream])
+        return out
+    return CollectiveWork([stage.transfer], finish, x.device)
 
 
 def compressed_all_to_all(x: torch.Tensor, group: Group, session: Session, key: str) -> torch.Tensor:
     """Like :func:`~compact_hooks.collectives.plain.all_to_all`; each off-rank chunk travels as a
     compressed residual."""
-    size = group_size(group)
-    if size == 1:
-        return x
-    check_rows(x, size)
-    if plain_is_cheaper(session, "all_to_all", x, size):
-        return plain_recorded(session, key, "all_to_all", x, group)
-    chunks = list(x.chunk(size, dim=0))
-    chunk_shape = tuple(chunks[0].shape)
-    ranks = group_ranks(group)
-    stream = session.stream(key, ranks)  # the key's streams on this group
-    full = session.prepare(stream, chunk_shape, x.dtype)
-    out, sent = _exchange_chunks(chunks, group, session, stream, full)
-    ks = session.stats.record(key, "all_to_all", plain_bytes("all_to_all", _nbytes(x), size), sent, full, ranks)
-    result = torch.cat(out, dim=0)
-    if session.stats.wants_error(ks):
-        session.stats.record_error(ks, result, all_to_all(x, group, session.timeout_s))
-    maybe_verify(session, stream, group)
-    return result
+    return start_compressed_all_to_all(x, group, session, key).wait()
 
 
 def reduce_chunks(x: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -196,51 +261,58 @@ def reduce_chunks(x: torch.Tensor, size: int) -> list[torch.Tensor]:
     return list(flat.view(size, 1, per).unbind(0))
 
 
-def compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: str) -> torch.Tensor:
-    """Sum over the group in two compressed stages (reduce-scatter as an all-to-all of chunks, then
-    an all-gather of each reduced chunk). Every rank returns the same reconstruction."""
+def start_compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: str) -> CollectiveWork:
+    """Start :func:`compressed_all_reduce`: the reduce-scatter stage is encoded and in flight; its
+    decode, the sum and the all-gather stage run at ``wait()``."""
     size = group_size(group)
     if size == 1:
-        return x
+        return CollectiveWork.completed(x)
     if plain_is_cheaper(session, "all_reduce", x, size):
-        return plain_recorded(session, key, "all_reduce", x, group)
+        return start_plain_recorded(session, key, "all_reduce", x, group)
     chunks = reduce_chunks(x, size)
     chunk_shape = tuple(chunks[0].shape)
     rank = group_rank(group)
     ranks = group_ranks(group)  # the key's streams on this group:
     key_rs, key_ag = session.stream(f"{key}:reduce_scatter", ranks), session.stream(f"{key}:all_gather", ranks)
     full = session.prepare(key_rs, chunk_shape, x.dtype)
-    received, sent_rs = _exchange_chunks(chunks, group, session, key_rs, full)
-    reduced = received[0].float() + received[1].float()  # a new buffer: the rest adds in place
-    for part in received[2:]:
-        reduced.add_(part)
-    reduced = reduced.to(x.dtype)
-    full_ag = session.prepare(key_ag, chunk_shape, x.dtype)
-    me = global_rank(group, rank)
-    payload, own = session.channel(key_ag, me).encode(reduced, full_ag)
-    gathered, sent_ag = _gather_payloads(payload, full_ag, session, key_ag, group, x.dtype, reduced.numel(),
-                                         f"all_reduce of {key!r}")
-    parts = [own if j == rank else
-             session.channel(key_ag, global_rank(group, j)).decode(gathered[j], chunk_shape, x.dtype, full_ag)
-             for j in range(size)]
-    out = torch.cat(parts).reshape(-1)[: x.numel()].reshape(x.shape)
-    ks = session.stats.record(key, "all_reduce", plain_bytes("all_reduce", _nbytes(x), size),
-                              sent_rs + (size - 1) * sent_ag, full or full_ag, ranks)
-    if session.stats.wants_error(ks):
-        session.stats.record_error(ks, out, all_reduce(x, group, session.timeout_s))
-    maybe_verify(session, key_rs, group)
-    maybe_verify(session, key_ag, group)
-    return out
+    stage_rs = _ChunkStage(chunks, group, session, key_rs, full)
+
+    def finish() -> torch.Tensor:
+        received = stage_rs.received()
+        reduced = received[0].float() + received[1].float()  # a new buffer: the rest adds in place
+        for part in received[2:]:
+            reduced.add_(part)
+        reduced = reduced.to(x.dtype)
+        full_ag = session.prepare(key_ag, chunk_shape, x.dtype)
+        me = global_rank(group, rank)
+        payload, own = session.channel(key_ag, me).encode(reduced, full_ag)
+        stage_ag = _GatherStage(payload, full_ag, session, key_ag, group, x.dtype, reduced.numel(),
+                                f"all_reduce of {key!r}")
+        gathered = stage_ag.received()
+        parts = [own if j == rank else
+                 session.channel(key_ag, global_rank(group, j)).decode(gathered[j], chunk_shape, x.dtype, full_ag)
+                 for j in range(size)]
+        out = torch.cat(parts).reshape(-1)[: x.numel()].reshape(x.shape)
+        ks = session.stats.record(key, "all_reduce", plain_bytes("all_reduce", _nbytes(x), size),
+                                  stage_rs.sent + (size - 1) * stage_ag.sent, full or full_ag, ranks)
+        _check_and_verify(session, ks, out, lambda: all_reduce(x, group, session.timeout_s), group, [key_rs, key_ag])
+        return out
+    return CollectiveWork([stage_rs.transfer], finish, x.device)
 
 
-def compressed_ring_exchange(x: torch.Tensor, group: Group, session: Session, key: str) -> torch.Tensor:
-    """Like :func:`~compact_hooks.collectives.plain.ring_exchange`; the tensor travels as a
-    compressed residual."""
+def compressed_all_reduce(x: torch.Tensor, group: Group, session: Session, key: str) -> torch.Tensor:
+    """Sum over the group in two compressed stages (reduce-scatter as an all-to-all of chunks, then
+    an all-gather of each reduced chunk). Every rank returns the same reconstruction."""
+    return start_compressed_all_reduce(x, group, session, key).wait()
+
+
+def start_compressed_ring_exchange(x: torch.Tensor, group: Group, session: Session, key: str) -> CollectiveWork:
+    """Start :func:`compressed_ring_exchange`: encode now, send and receive in the background, decode at ``wait()``."""
     size = group_size(group)
     if size == 1:
-        return x
+        return CollectiveWork.completed(x)
     if plain_is_cheaper(session, "ring_exchange", x, size):
-        return plain_recorded(session, key, "ring_exchange", x, group)
+        return start_plain_recorded(session, key, "ring_exchange", x, group)
     shape = tuple(x.shape)
     rank = group_rank(group)
     nxt, prv = global_rank(group, (rank + 1) % size), global_rank(group, (rank - 1) % size)
@@ -250,19 +322,28 @@ def compressed_ring_exchange(x: torch.Tensor, group: Group, session: Session, ke
     full = session.prepare(stream, shape, x.dtype)
     payload, _ = session.channel(stream, me, nxt).encode(x, full)
     what, sent = f"ring_exchange of {stream!r}", payload.numel()
-    if session.compressor.variable_size and not full:
-        recv = exchange_ring_varlen(payload, nxt, prv, group, session.timeout_s, what)
+    varlen = session.compressor.variable_size and not full
+    recv: Optional[torch.Tensor] = None
+    if varlen:
+        transfer, recv = start_exchange_ring_varlen(payload, nxt, prv, group, session.timeout_s, what)
         sent += SIZE_NBYTES
     else:
         recv = torch.empty_like(payload)
-        exchange_ring(payload, recv, nxt, prv, group, session.timeout_s, what)
-        if full:
+        transfer = start_exchange_ring(payload, recv, nxt, prv, group, session.timeout_s, what)
+
+    def finish() -> torch.Tensor:
+        if full and not varlen:
             verify_headers(recv.unsqueeze(0), session, stream, group, x.dtype, x.numel())
-    # a copy: the caller may change the result in place, the channel's base must not change with it
-    out = session.channel(stream, prv, me).decode(recv, shape, x.dtype, full).clone()
-    ks = session.stats.record(key, "ring_exchange", plain_bytes("ring_exchange", _nbytes(x), size), sent, full,
-                              ranks)
-    if session.stats.wants_error(ks):
-        session.stats.record_error(ks, out, plain_ring_exchange(x, group, session.timeout_s))
-    maybe_verify(session, stream, group)
-    return out
+        # a copy: the caller may change the result in place, the channel's base must not change with it
+        out = session.channel(stream, prv, me).decode(recv, shape, x.dtype, full).clone()
+        ks = session.stats.record(key, "ring_exchange", plain_bytes("ring_exchange", _nbytes(x), size), sent, full,
+                                  ranks)
+        _check_and_verify(session, ks, out, lambda: plain_ring_exchange(x, group, session.timeout_s), group, [stream])
+        return out
+    return CollectiveWork([transfer], finish, x.device)
+
+
+def compressed_ring_exchange(x: torch.Tensor, group: Group, session: Session, key: str) -> torch.Tensor:
+    """Like :func:`~compact_hooks.collectives.plain.ring_exchange`; the tensor travels as a
+    compressed residual."""
+    return start_compressed_ring_exchange(x, group, session, key).wait()

@@ -18,8 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..work import CollectiveWork
-from .transfer import start_transfer
-from .transport import Group
+from .transport import Group, start_transfer
 
 
 def group_size(group: Group) -> int:

@@ -84,14 +84,42 @@ def transport_timeout(group: Group, timeout_s: Optional[float]) -> Iterator[None
             backend._set_default_timeout(previous)
 
 
+class Transfer:
+    """One wire stage in flight (the works of its async ops): ``is_completed()`` without blocking,
+    ``wait()`` once, each work through :func:`wait` (later calls return at once: a gloo work must
+    not be waited on twice). A :class:`~compact_hooks.work.CollectiveWork` waits on these."""
+
+    def __init__(self, works: list[Any], timeout_s: Optional[float], what: str) -> None:
+        self.works = works
+        self.timeout_s = timeout_s
+        self.what = what
+        self.done = False
+
+    def is_completed(self) -> bool:
+        return self.done or all(work.is_completed() for work in self.works)
+
+    def wait(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        for work in self.works:
+            if self.timeout_s is None:
+                work.wait()  # the process group's own timeout and error, as a plain torch.distributed call
+            else:
+                wait(work, self.timeout_s, self.what)
+
+
+def start_transfer(enqueue: Callable[[], Any], group: Group, timeout_s: Optional[float], what: str) -> Transfer:
+    """Run ``enqueue()`` (async torch.distributed calls returning a work or a list of works) with
+    ``timeout_s`` as the backend's own timeout (:func:`transport_timeout`); return the stage in flight."""
+    with transport_timeout(group, timeout_s):
+        works = enqueue()
+    return Transfer(works if isinstance(works, list) else [works], timeout_s, what)
+
+
 def run_and_wait(start: Callable[[], Any], group: Group, timeout_s: Optional[float], what: str) -> None:
     """Enqueue an async collective with ``start()`` under ``timeout_s`` and wait for it."""
-    if timeout_s is None:
-        start().wait()
-        return
-    with transport_timeout(group, timeout_s):
-        work = start()
-    wait(work, timeout_s, what)
+    start_transfer(start, group, timeout_s, what).wait()
 
 
 def all_gather_into(out: torch.Tensor, tensor: torch.Tensor, group: Group, timeout_s: Optional[float],
@@ -101,12 +129,21 @@ def all_gather_into(out: torch.Tensor, tensor: torch.Tensor, group: Group, timeo
     run_and_wait(lambda: fn(out, tensor, group=group, async_op=True), group, timeout_s, what)
 
 
+def start_all_gather_bytes(payload: torch.Tensor, group: Group, timeout_s: Optional[float],
+                           what: str) -> tuple[Transfer, torch.Tensor]:
+    """Start gathering equal-length ``uint8`` payloads into ``[P, nbytes]`` (filled once waited)."""
+    size = dist.get_world_size(group)
+    out = torch.empty((size, payload.numel()), dtype=payload.dtype, device=payload.device)
+    send = payload.contiguous()
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return start_transfer(lambda: fn(out.view(-1), send, group=group, async_op=True), group, timeout_s, what), out
+
+
 def all_gather_bytes(payload: torch.Tensor, group: Group, timeout_s: Optional[float] = None,
                      what: str = "all_gather") -> torch.Tensor:
     """Gather equal-length ``uint8`` payloads: returns ``[P, nbytes]``."""
-    size = dist.get_world_size(group)
-    out = torch.empty((size, payload.numel()), dtype=payload.dtype, device=payload.device)
-    all_gather_into(out.view(-1), payload.contiguous(), group, timeout_s, what)
+    transfer, out = start_all_gather_bytes(payload, group, timeout_s, what)
+    transfer.wait()
     return out
 
 
@@ -123,41 +160,56 @@ def gather_texts(text: bytes, nbytes: int, group: Group, timeout_s: Optional[flo
     return [bytes(row.tolist()).rstrip(b"\0").decode(errors="replace") for row in gathered]
 
 
+def start_all_to_all_bytes(payloads: torch.Tensor, group: Group, timeout_s: Optional[float],
+                           what: str) -> tuple[Transfer, torch.Tensor]:
+    """Start exchanging ``[P, nbytes]`` payloads (row ``j`` to rank ``j``); the output is filled once waited."""
+    send = payloads.contiguous()
+    out = torch.empty_like(send)
+    return start_transfer(lambda: dist.all_to_all_single(out, send, group=group, async_op=True), group, timeout_s,
+                          what), out
+
+
 def all_to_all_bytes(payloads: torch.Tensor, group: Group, timeout_s: Optional[float] = None,
                      what: str = "all_to_all") -> torch.Tensor:
     """Exchange ``[P, nbytes]`` payloads: row ``j`` goes to rank ``j``; returns row ``j`` from rank ``j``."""
-    send = payloads.contiguous()
-    out = torch.empty_like(send)
-    run_and_wait(lambda: dist.all_to_all_single(out, send, group=group, async_op=True), group, timeout_s, what)
+    transfer, out = start_all_to_all_bytes(payloads, group, timeout_s, what)
+    transfer.wait()
     return out
+
+
+def start_exchange_ring(send: torch.Tensor, recv: torch.Tensor, next_rank: int, prev_rank: int, group: Group,
+                        timeout_s: Optional[float], what: str) -> Transfer:
+    """Start sending contiguous ``send`` to global rank ``next_rank`` while ``recv`` receives from ``prev_rank``."""
+    ops = [dist.P2POp(dist.isend, send, next_rank, group), dist.P2POp(dist.irecv, recv, prev_rank, group)]
+    return start_transfer(lambda: dist.batch_isend_irecv(ops), group, timeout_s, what)
 
 
 def exchange_ring(send: torch.Tensor, recv: torch.Tensor, next_rank: int, prev_rank: int, group: Group,
                   timeout_s: Optional[float], what: str) -> None:
     """Send contiguous ``send`` to global rank ``next_rank`` while ``recv`` receives from ``prev_rank``."""
-    ops = [dist.P2POp(dist.isend, send, next_rank, group), dist.P2POp(dist.irecv, recv, prev_rank, group)]
-    with transport_timeout(group, timeout_s):
-        works = dist.batch_isend_irecv(ops)
-    for work in works:
-        wait(work, timeout_s, what)
+    start_exchange_ring(send, recv, next_rank, prev_rank, group, timeout_s, what).wait()
 
 
 # -- payloads of varying length (adaptive codecs): sizes first, then exactly the bytes -----------
+# The sizes are exchanged and read on the host before the payload transfer starts: the start_*
+# forms below block for that small exchange, then return the payload transfer in flight.
 SIZE_NBYTES = 8  # one int64 length per payload, counted in the wire bytes
 
 
 def _lengths(values: list[int], device: torch.device) -> torch.Tensor:
-    """``values`` as an int64 tensor on ``device``, written by fill kernels: no tensor made from host
-    data, hence no pageable host-to-device copy (nor the sync of ``t[i] = v``) on a GPU."""
+    """``values`` as an int64 tensor on ``device``, written element by element (a fill each): no
+    tensor made from host data, hence no pageable host-to-device copy on a GPU."""
     out = torch.empty(len(values), dtype=torch.int64, device=device)
     for i, value in enumerate(values):
-        out[i:i + 1].fill_(value)
+        out[i] = value
     return out
 
 
-def all_gather_varlen(payload: torch.Tensor, group: Group, timeout_s: Optional[float], what: str) -> list[torch.Tensor]:
-    """Every rank's payload (lengths may differ), own one included, in rank order. The lengths
-    are gathered first (one host read); then each rank sends its payload once to every peer."""
+def start_all_gather_varlen(payload: torch.Tensor, group: Group, timeout_s: Optional[float],
+                            what: str) -> tuple[Transfer, list[torch.Tensor]]:
+    """Every rank's payload (lengths may differ), own one included, in rank order, filled once the
+    transfer is waited. The lengths are gathered first (blocking, one host read); then each rank
+    sends its payload once to every peer."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     lengths = torch.empty(size, dtype=torch.int64, device=payload.device)
     all_gather_into(lengths, _lengths([payload.numel()], payload.device), group, timeout_s, f"{what} (sizes)")
@@ -166,17 +218,24 @@ def all_gather_varlen(payload: torch.Tensor, group: Group, timeout_s: Optional[f
     in_splits = [0 if j == rank else payload.numel() for j in range(size)]
     out_splits = [0 if j == rank else counts[j] for j in range(size)]
     out = torch.empty(sum(out_splits), dtype=payload.dtype, device=payload.device)
-    run_and_wait(lambda: dist.all_to_all_single(out, send, out_splits, in_splits, group=group, async_op=True),
-                 group, timeout_s, what)
+    transfer = start_transfer(lambda: dist.all_to_all_single(out, send, out_splits, in_splits, group=group,
+                                                             async_op=True), group, timeout_s, what)
     parts = list(out.split(out_splits))
     parts[rank] = payload
+    return transfer, parts
+
+
+def all_gather_varlen(payload: torch.Tensor, group: Group, timeout_s: Optional[float], what: str) -> list[torch.Tensor]:
+    """Every rank's payload (lengths may differ), own one included, in rank order."""
+    transfer, parts = start_all_gather_varlen(payload, group, timeout_s, what)
+    transfer.wait()
     return parts
 
 
-def all_to_all_varlen(payloads: list[Optional[torch.Tensor]], group: Group, timeout_s: Optional[float],
-                      what: str) -> list[Optional[torch.Tensor]]:
-    """``payloads[j]`` (any length; ``None`` for this rank) goes to rank ``j``; returns what each
-    rank sent here (``None`` at this rank). Lengths are exchanged first (one host read)."""
+def start_all_to_all_varlen(payloads: list[Optional[torch.Tensor]], group: Group, timeout_s: Optional[float],
+                            what: str) -> tuple[Transfer, list[Optional[torch.Tensor]]]:
+    """``payloads[j]`` (any length; ``None`` for this rank) goes to rank ``j``; what each rank sent
+    here (``None`` at this rank) is filled once the transfer is waited. Lengths first (blocking)."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     device = next(p.device for p in payloads if p is not None)
     in_splits = [0 if p is None else p.numel() for p in payloads]
@@ -187,19 +246,36 @@ def all_to_all_varlen(payloads: list[Optional[torch.Tensor]], group: Group, time
     out_splits = lengths.tolist()
     send = torch.cat([p for p in payloads if p is not None])
     out = torch.empty(sum(out_splits), dtype=send.dtype, device=device)
-    run_and_wait(lambda: dist.all_to_all_single(out, send, out_splits, in_splits, group=group, async_op=True),
-                 group, timeout_s, what)
+    transfer = start_transfer(lambda: dist.all_to_all_single(out, send, out_splits, in_splits, group=group,
+                                                             async_op=True), group, timeout_s, what)
     received: list[Optional[torch.Tensor]] = list(out.split(out_splits))
     received[rank] = None
+    return transfer, received
+
+
+def all_to_all_varlen(payloads: list[Optional[torch.Tensor]], group: Group, timeout_s: Optional[float],
+                      what: str) -> list[Optional[torch.Tensor]]:
+    """``payloads[j]`` (any length; ``None`` for this rank) goes to rank ``j``; returns what each
+    rank sent here (``None`` at this rank)."""
+    transfer, received = start_all_to_all_varlen(payloads, group, timeout_s, what)
+    transfer.wait()
     return received
+
+
+def start_exchange_ring_varlen(send: torch.Tensor, next_rank: int, prev_rank: int, group: Group,
+                               timeout_s: Optional[float], what: str) -> tuple[Transfer, torch.Tensor]:
+    """Start sending ``send`` (any length) to ``next_rank``; the length comes first (blocking), the
+    buffer of what ``prev_rank`` sent is filled once the transfer is waited."""
+    length = torch.empty(1, dtype=torch.int64, device=send.device)
+    exchange_ring(_lengths([send.numel()], send.device), length, next_rank, prev_rank, group, timeout_s,
+                  f"{what} (sizes)")
+    recv = torch.empty(int(length.item()), dtype=send.dtype, device=send.device)
+    return start_exchange_ring(send, recv, next_rank, prev_rank, group, timeout_s, what), recv
 
 
 def exchange_ring_varlen(send: torch.Tensor, next_rank: int, prev_rank: int, group: Group,
                          timeout_s: Optional[float], what: str) -> torch.Tensor:
     """Send ``send`` (any length) to ``next_rank``; return what ``prev_rank`` sent (length first)."""
-    length = torch.empty(1, dtype=torch.int64, device=send.device)
-    exchange_ring(_lengths([send.numel()], send.device), length, next_rank, prev_rank, group, timeout_s,
-                  f"{what} (sizes)")
-    recv = torch.empty(int(length.item()), dtype=send.dtype, device=send.device)
-    exchange_ring(send, recv, next_rank, prev_rank, group, timeout_s, what)
+    transfer, recv = start_exchange_ring_varlen(send, next_rank, prev_rank, group, timeout_s, what)
+    transfer.wait()
     return recv

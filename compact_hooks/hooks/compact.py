@@ -12,6 +12,7 @@ from ..hook import CollectiveCall, CommHook
 from ..policy import CallSite, first_match, rules_fingerprint
 from ..residual import Session
 from ..topology import Topology
+from ..work import CollectiveWork
 from ..wire import FLOAT_DTYPES
 
 
@@ -35,32 +36,41 @@ class CompactHook(CommHook):
         if self.config.rules:
             self._handshake["rules"] = rules_fingerprint(self.config.rules)
 
-    def __call__(self, call: CollectiveCall) -> torch.Tensor:
+    def start(self, call: CollectiveCall) -> CollectiveWork:
+        """Encode now and start the transfer; the work's ``wait()`` decodes (see :mod:`compact_hooks.work`).
+        One outstanding work per key and group: a second start raises OutstandingWorkError."""
         x = call.tensor
         size = C.group_size(call.group)
         if size == 1:
-            return x
-        key = call.key if call.key is not None else self.session.auto_key(call.op, C.group_ranks(call.group))
+            return CollectiveWork.completed(x)
+        ranks = C.group_ranks(call.group)
+        if call.key is not None:  # before any collective: a refused call changes nothing
+            self.outstanding().check_free((call.key, ranks), call.key)
+        key = call.key if call.key is not None else self.session.auto_key(call.op, ranks)
         # before the plain path too: ranks that disagree on which ops they compress would pair a
         # compressed collective with a plain one
         C.agree_on_settings(self.session, call.group, self._handshake)
         C.agree_on_tensor(self.session, call.group, key, call.op, x)  # once per call site and shape
         link = self.topology.link_class(call.group) if self.topology is not None else None
         session = self.session_for(key, call.op, size, link)
+        return self.outstanding().add((key, ranks), self._start(call, key, session, size), key)
+
+    def _start(self, call: CollectiveCall, key: str, session: Optional[Session], size: int) -> CollectiveWork:
+        x = call.tensor
         if (session is None or call.op not in self.collectives or not x.is_floating_point() or x.numel() == 0
                 or x.dtype not in FLOAT_DTYPES or session.is_lossless(x.dtype)):
             return self._plain(call, key)
         if call.op == "all_gather":
-            return C.compressed_all_gather(x, call.group, session, key, call.dim)
+            return C.start_compressed_all_gather(x, call.group, session, key, call.dim)
         if call.op == "all_to_all":
-            return C.compressed_all_to_all(x, call.group, session, key)
+            return C.start_compressed_all_to_all(x, call.group, session, key)
         if call.op == "all_reduce" and session.compressor.summable:
             if C.plain_is_cheaper(session, "all_reduce", x, size):
                 return self._plain(call, key)  # a cast that is not narrower: plain and exact
             return self._summable_all_reduce(call, key, session)
         if call.op == "all_reduce":
-            return C.compressed_all_reduce(x, call.group, session, key)
-        return C.compressed_ring_exchange(x, call.group, session, key)
+            return C.start_compressed_all_reduce(x, call.group, session, key)
+        return C.start_compressed_ring_exchange(x, call.group, session, key)
 
     @property
     def timeout_s(self) -> Optional[float]:  # type: ignore[override]
@@ -86,29 +96,37 @@ class CompactHook(CommHook):
         """The default session and every rule's."""
         return [self.session, *self.rule_sessions.values()]
 
-    def _plain(self, call: CollectiveCall, key: str) -> torch.Tensor:
-        return C.plain_recorded(self.session, key, call.op, call.tensor, call.group, call.dim)
+    def _plain(self, call: CollectiveCall, key: str) -> CollectiveWork:
+        return C.start_plain_recorded(self.session, key, call.op, call.tensor, call.group, call.dim)
 
-    def _summable_all_reduce(self, call: CollectiveCall, key: str, session: Session) -> torch.Tensor:
+    def _summable_all_reduce(self, call: CollectiveCall, key: str, session: Session) -> CollectiveWork:
         """Lossless casts are summed by ``all_reduce`` in the wire dtype."""
         x = call.tensor
         wire = x.to(getattr(session.compressor, "wire_dtype", x.dtype), memory_format=torch.contiguous_format,
                     copy=True)
         size = C.group_size(call.group)
-        session.stats.record(key, "all_reduce", C.plain_bytes("all_reduce", x.numel() * x.element_size(), size),
-                             C.plain_bytes("all_reduce", wire.numel() * wire.element_size(), size), False,
-                             C.group_ranks(call.group))
-        return C.all_reduce_(wire, call.group, session.timeout_s).to(x.dtype)
+        inner = C.start_all_reduce_(wire, call.group, session.timeout_s)
+
+        def finish() -> torch.Tensor:
+            out = inner.wait().to(x.dtype)
+            session.stats.record(key, "all_reduce", C.plain_bytes("all_reduce", x.numel() * x.element_size(), size),
+                                 C.plain_bytes("all_reduce", wire.numel() * wire.element_size(), size), False,
+                                 C.group_ranks(call.group))
+            return out
+        return CollectiveWork([inner], finish, x.device)
 
     def begin_request(self) -> None:
+        self.check_idle("begin_request()")
         for session in self.sessions():
             session.begin_request()
 
     def next_step(self) -> None:
+        self.check_idle("next_step()")
         for session in self.sessions():
             session.next_step()
 
     def reset(self) -> None:
+        self.check_idle("reset()")
         for session in self.sessions():
             session.reset()
 

@@ -25,6 +25,7 @@ from .. import collectives as C
 from ..hook import CollectiveCall, CommHook, WrappingHook
 from ..stats import MAX_STEPS
 from ..topology import LINK_CLASSES, Topology
+from ..work import CollectiveWork, Watch
 from .compact import CompactHook
 
 
@@ -155,21 +156,31 @@ class LinkAwareHook(CommHook):
         link = self.topology.link_class(call.group, self.timeout_s)
         return link, (self.compressed if link in self.compress else self.plain)
 
-    def __call__(self, call: CollectiveCall) -> torch.Tensor:
+    def start(self, call: CollectiveCall) -> CollectiveWork:
         size = C.group_size(call.group)
         if size == 1:
-            return call.tensor
+            return CollectiveWork.completed(call.tensor)
         self.agree(call.group)  # before the hostname exchange: a mismatch must not pair the two
         link, hook = self.route(call)
         ledger = self._ledgers[0 if hook is self.compressed else 1]
-        self._charge(ledger.before(link))
-        out = hook(call)
-        if not ledger.counts:  # a hook without byte counters sends the plain bytes
-            raw = C.plain_bytes(call.op, call.tensor.numel() * call.tensor.element_size(), size)
-            self._charge((link, raw, raw))
-        for table in (self.links, self._step_links):
-            table[link].calls += 1
-        return out
+        self._charge(ledger.before(link))  # a synchronous inner hook counts its bytes in start()
+        inner = hook.start(call)
+
+        def finish() -> torch.Tensor:
+            # the inner hook counts its bytes when decoded, which is now: what it counted since the
+            # last read belongs to the link of the calls before, this call's to ``link``
+            self._charge(ledger.before(link))
+            out = inner.wait()
+            if not ledger.counts:  # a hook without byte counters sends the plain bytes
+                raw = C.plain_bytes(call.op, call.tensor.numel() * call.tensor.element_size(), size)
+                self._charge((link, raw, raw))
+            for table in (self.links, self._step_links):
+                table[link].calls += 1
+            return out
+        return CollectiveWork([Watch(inner)], finish, call.tensor.device)
+
+    def outstanding_keys(self) -> list[str]:
+        return [*self.compressed.outstanding_keys(), *self.plain.outstanding_keys()]
 
     def _charge(self, charge: Optional[tuple[str, int, int]]) -> None:
         if charge is not None:
@@ -185,12 +196,14 @@ class LinkAwareHook(CommHook):
     # -- step and request marks go to both hooks --------------------------------------------------
 
     def begin_request(self) -> None:
+        self.check_idle("begin_request()")
         self.compressed.begin_request()
         self.plain.begin_request()
         self.request += 1
         self.step = 0
 
     def next_step(self) -> None:
+        self.check_idle("next_step()")
         self._settle()
         self.compressed.next_step()
         self.plain.next_step()
@@ -203,6 +216,7 @@ class LinkAwareHook(CommHook):
         self.step += 1
 
     def reset(self) -> None:
+        self.check_idle("reset()")
         self.compressed.reset()
         self.plain.reset()
         for ledger in self._ledgers:
