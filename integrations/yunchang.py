@@ -8,7 +8,9 @@ data in two places, both through the module name ``dist`` of their own module:
   ``all_to_all``;
 * ring: ``yunchang.ring.utils.RingComm`` queues ``dist.P2POp`` pairs (send to the next rank, receive
   from the previous one in the ring group) and runs them with ``dist.batch_isend_irecv``: the hook's
-  ``ring_exchange``, one per queued pair.
+  ``ring_exchange``, one per queued pair, started asynchronously (``hook.start``); the requests it
+  returns complete when the exchange was decoded, so yunchang's ring keeps computing the current
+  block while the next one moves (its own one-hop-ahead overlap).
 
 :class:`YunchangHooks` replaces ``dist`` in those two modules by a stand-in whose
 ``all_to_all_single`` and ``batch_isend_irecv`` go through the hook (everything else is
@@ -50,6 +52,7 @@ from torch import nn
 
 from compact_hooks.hook import CollectiveCall, CommHook
 from compact_hooks.hooks import PassthroughHook
+from compact_hooks.work import CollectiveWork
 
 __all__ = ["YunchangHooks", "cpu_flash_attention", "hook_yunchang"]
 
@@ -79,14 +82,24 @@ class _Site:
     hops: int = 0
 
 
-class _Done:
-    """A finished request (what ``batch_isend_irecv`` returns; the exchange already ran)."""
+class _RingRequest:
+    """What the routed ``batch_isend_irecv`` returns for one send/receive pair (the same object for
+    both ops): the hook's work in flight. ``wait()`` waits for it (the compressed exchange decoded) and
+    copies the result into yunchang's receive buffer, once; yunchang computes on the current block
+    between ``commit()`` and ``wait()``, so its one-hop-ahead overlap is kept."""
+
+    def __init__(self, work: CollectiveWork, recv: torch.Tensor) -> None:
+        self.work, self.recv = work, recv
+        self.done = False
 
     def wait(self, *args: Any, **kwargs: Any) -> bool:
+        if not self.done:
+            self.done = True
+            self.recv.copy_(self.work.wait())
         return True
 
     def is_completed(self) -> bool:
-        return True
+        return self.done or self.work.is_completed()
 
 
 class _HookedDist:
@@ -312,11 +325,13 @@ class YunchangHooks:
         site = self._site()
         if site is not None:
             site.hops += 1
+        requests = []
         for (send, recv), name in zip(pairs, names):
             key = None if site is None else f"{site.key}:{name}.hop{site.hops}"
-            got = self.hook(CollectiveCall("ring_exchange", send.tensor, send.group, key=key))
-            recv.tensor.copy_(got)
-        return [_Done() for _ in ops]
+            request = _RingRequest(self.hook.start(CollectiveCall("ring_exchange", send.tensor, send.group, key=key)),
+                                   recv.tensor)
+            requests += [request, request]
+        return requests
 
 
 def hook_yunchang(hook: Optional[CommHook] = None, attention: Optional[nn.Module] = None,

@@ -121,3 +121,18 @@ def test_a_second_instance_cannot_route_while_the_first_does_and_each_keeps_its_
         assert got["keys_b_detached"] == ["None"] * 4 and got["own_forward"]
         assert got["live_keys"] <= 1, "instances dropped after their with still key the module"
         assert got["bitwise"]
+
+
+@pytest.mark.parametrize("codec", ["passthrough", "int2"])
+def test_yunchangs_ring_keeps_its_overlap_through_the_hook(codec):
+    """yunchang's ``batch_isend_irecv`` returns work handles in flight: rank 1 starts each hop only after
+    rank 0's ``commit()`` returned, which a synchronous exchange inside ``commit()`` would never do."""
+    from tests.yunchang_workers import yunchang_overlap_worker
+
+    for rank, res in enumerate(run_ranks(yunchang_overlap_worker, 2, codec, 60.0)):
+        assert res["commits"] == 3, res  # one hop per forward, 3 forwards
+        if codec == "passthrough":
+            assert all(res["bitwise"]), (rank, res)
+        else:
+            assert 0.0 < max(res["errors"][1:]) < 0.1, (rank, res)
+        assert {"blocks.0.attn:ring_k.hop1", "blocks.0.attn:ring_v.hop1"} <= set(res["keys"]), res

@@ -328,3 +328,83 @@ def yunchang_lifecycle_worker(rank: int, world: int) -> dict[str, Any]:
         set_seq_parallel_pg(2, 1, rank, world)
         out["two_instances"] = _two_instances(rank, world)
     return out
+
+
+# -- overlap: yunchang's ring keeps computing while the hook's exchange is in flight -----------------
+
+
+class Gate(CommHook):
+    """Rank 1's hook: holds each ring hop's start (after the first) until rank 0 says its ``commit()``
+    of that hop returned (the store key ``committed<n>``)."""
+
+    def __init__(self, inner: CommHook, store: Any, patience_s: float) -> None:
+        self.inner, self.store, self.patience_s = inner, store, patience_s
+        self.hops = 0
+
+    def start(self, call: CollectiveCall) -> Any:
+        from datetime import timedelta
+
+        if call.op == "ring_exchange" and ":ring_k." in str(call.key):
+            self.hops += 1
+        if call.op == "ring_exchange" and ":ring_k." in str(call.key) and self.hops > 1:
+            # not the first forward: a CompactHook's first call of a key runs the (blocking) settings
+            # and tensor handshakes inside start
+            self.store.wait([f"committed{self.hops}"], timedelta(seconds=self.patience_s))
+        return self.inner.start(call)
+
+    def next_step(self) -> None:
+        self.inner.next_step()
+
+    def stats(self) -> dict[str, Any]:
+        return self.inner.stats()
+
+
+def yunchang_overlap_worker(rank: int, world: int, codec: str, patience_s: float) -> dict[str, Any]:
+    """Ring 1x2, yunchang's basic_pytorch ring through the hook (``codec``: "passthrough" or a
+    compressor). Rank 0's ``RingComm.commit()`` (yunchang's ``batch_isend_irecv``) must return while
+    rank 1 has not even started its side of the hop: rank 1 starts only once rank 0's commit returned.
+    A synchronous exchange inside commit would wait for rank 1 forever (here: ``patience_s``)."""
+    torch.set_num_threads(1)
+    import yunchang.ring.utils as ring_utils
+    from compact_hooks.integrations.yunchang import YunchangHooks, cpu_flash_attention
+    from yunchang import LongContextAttention, set_seq_parallel_pg
+    from yunchang.kernels import AttnType
+
+    store = dist.distributed_c10d._get_default_store()
+    inner = PassthroughHook(60) if codec == "passthrough" else CompactHook(
+        {"compressor": codec, "warmup_compressor": None, "timeout_s": 60})
+    hook: CommHook = Gate(inner, store, patience_s) if rank == 1 else inner
+    commits = {"n": 0}
+    original = ring_utils.RingComm.commit
+
+    def commit(self: Any) -> None:
+        original(self)
+        commits["n"] += 1
+        if rank == 0:
+            store.set(f"committed{commits['n']}", "1")
+
+    ring_utils.RingComm.commit = commit  # type: ignore[method-assign]
+    out: dict[str, Any] = {"errors": []}
+    try:
+        with cpu_flash_attention():
+            set_seq_parallel_pg(1, 2, rank, world)
+            attn = LongContextAttention(ring_impl_type="basic_pytorch", attn_type=AttnType.TORCH_FLASH)
+            for step in range(3):
+                ql, kl, vl = (_shard(x, rank, world) for x in _inputs(step))
+                with torch.no_grad():
+                    with YunchangHooks(hook) as hooks:
+                        hooks.attach(attn, "blocks.0.attn")
+                        y = attn(ql, kl, vl)
+                    hooks.detach()
+                    ring_utils.RingComm.commit = original  # type: ignore[method-assign]
+                    own = attn(ql, kl, vl)
+                    ring_utils.RingComm.commit = commit  # type: ignore[method-assign]
+                hook.next_step()
+                out["errors"].append(_rel(y, own))
+                if codec == "passthrough":
+                    out.setdefault("bitwise", []).append(bool(torch.equal(y, own)))
+    finally:
+        ring_utils.RingComm.commit = original  # type: ignore[method-assign]
+    out["commits"] = commits["n"]
+    out["keys"] = sorted(hook.stats().get("per_key", {}))
+    return out
