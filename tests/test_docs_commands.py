@@ -122,6 +122,9 @@ COMMANDS: dict[str, Entry] = {
         Run(r"(?s)float16 on cpu.*bfloat16 on cpu.*float32 on cpu.*lowrank",
             (("--shape 1088,3072", "--shape 64,256"), ("--repeats 7", "--repeats 1")), cwd="repo"),
     "bash compact_hooks/bench/gpu_check.sh": Elsewhere(GPU_ONLY, "times the codecs and kernels on a GPU"),
+    "pip install --no-deps xfuser==0.7.0 sentencepiece beautifulsoup4 soupsieve distvae av peft":
+        Elsewhere(EXTERNAL, "installs from the package registry; tests/test_funcol.py runs xfuser when installed"),
+    "bash compact_hooks/bench/xfuser_check.sh": Elsewhere(GPU_ONLY, "xfuser's USP on 2 or more GPUs (NCCL)"),
     ".venv/bin/compact-hooks bench drift --steps 50 --compressor int2": Run(r"\n\s+49\s+0\.5", cwd="repo"),
     ".venv/bin/compact-hooks bench scaling --world 2 3 4 --side 16 32 --blocks 3 6":
         Run(r"\n\s+2\s+268\s+3\s+617472\s+617472\s+42000\s+14\.70",
