@@ -127,9 +127,12 @@ COMMANDS: dict[str, Entry] = {
     "bash compact_hooks/bench/xfuser_check.sh": Elsewhere(GPU_ONLY, "xfuser's USP on 2 or more GPUs (NCCL)"),
     ".venv/bin/compact-hooks bench drift --steps 50 --compressor int2": Run(r"\n\s+49\s+0\.5", cwd="repo"),
     ".venv/bin/compact-hooks bench scaling --world 2 3 4 --side 16 32 --blocks 3 6":
-        Run(r"\n\s+2\s+268\s+3\s+617472\s+617472\s+42000\s+14\.70",
+        Run(r"\n\s+2\s+268\s+3\s+617472\s+617472\s+41904\s+14\.74",
             (("--world 2 3 4", "--world 2"), ("--side 16 32", "--side 16"), ("--blocks 3 6", "--blocks 3")),
             cwd="repo"),
+    ".venv/bin/compact-hooks bench scaling --preset wan2.1-14b-720p-81f --world 2 4 8 16":
+        Run(r"\n\s*8 ulysses\s+27\.10\s+14\.39\s+14\.39\s+0\.68/27\.10",
+            (("--world 2 4 8 16", "--world 8 --check-world 0"),), cwd="repo"),  # the check: tests/test_bases.py
     ".venv/bin/compact-hooks bench e2e --hosts 2 --rate 1gbit --rate 100mbit --rate 20mbit --model medium "
     "--out e2e.json --plot e2e_ladder.png": Elsewhere(ROOT_ONLY, E2E),
     ".venv/bin/compact-hooks bench e2e --hosts 2 --rate 5mbit --model small --steps 20 --lowrank-rank 8 "
