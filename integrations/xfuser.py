@@ -6,7 +6,7 @@ collectives: every Ulysses all-to-all goes through ``_sdpa_all_to_all_single``
 (``ft_c.all_to_all_single``, called by ``_ft_c_input_all_to_all`` for Q, K, V and any extra input,
 by ``_combined_qkv_all_to_all`` / ``_combined_gqa_qkv_all_to_all`` for one packed Q/K/V exchange, and
 by ``_ft_c_output_all_to_all`` for the output), and the ring runs torch's
-``_templated_ring_attention`` (one K/V ``all_gather_single``, or ``permute_tensor`` shifts). 
+``_templated_ring_attention`` (one K/V ``all_gather_single``, or ``permute_tensor`` shifts).
 
 :func:`compress_xfuser` is :func:`~compact_hooks.integrations.funcol.route_functional_collectives`
 over ``usp`` and torch's ring attention module, with role hints so that keys say what a call
@@ -27,12 +27,16 @@ import importlib
 import types
 from typing import Any, Callable, Optional
 
+from compact_hooks.integrations.funcol import (
+    RING_ATTENTION_MODULE,
+    AttentionSelector,
+    FuncolHandle,
+    FuncolRouter,
+    route_functional_collectives,
+)
 from torch import nn
 
 from compact_hooks.hook import CommHook
-
-from compact_hooks.integrations.funcol import RING_ATTENTION_MODULE, AttentionSelector, FuncolHandle, FuncolRouter, \
-    route_functional_collectives
 
 __all__ = ["USP_MODULE", "compress_xfuser", "usp_module"]
 

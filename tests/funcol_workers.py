@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
+from compact_hooks.integrations.funcol import RING_ATTENTION_MODULE, route_functional_collectives
 from torch import nn
 
 import compact_hooks as ch
-from compact_hooks.integrations.funcol import RING_ATTENTION_MODULE, route_functional_collectives
 
 HOOKS: dict[str, dict[str, Any]] = {
     "none": {"compressor": "none", "warmup_compressor": None},
@@ -267,10 +267,10 @@ def import_xfuser_on_cpu() -> Any:
 
 def _xfuser_setup(usp: Any, world: int, ulysses: int, ring: int) -> None:
     """xfuser's process groups and runtime state on the gloo ranks (SDPA_FLASH: the ring needs the LSE)."""
+    import yunchang.globals as yg
     from xfuser.config import xFuserArgs
     from xfuser.core.distributed import parallel_state as ps
     from xfuser.core.distributed import runtime_state as rs
-    import yunchang.globals as yg
 
     ps.init_distributed_environment(backend="gloo")
     ps.initialize_model_parallel(sequence_parallel_degree=world, ulysses_degree=ulysses, ring_degree=ring,

@@ -15,10 +15,10 @@ import importlib.util
 
 import pytest
 import torch
+from compact_hooks.integrations.funcol import FuncolRouter, route_functional_collectives
 from torch import nn
 
 import compact_hooks as ch
-from compact_hooks.integrations.funcol import FuncolRouter, route_functional_collectives
 from tests.distributed import run_ranks
 from tests.funcol_workers import lazy_worker, table_worker, unrouted_worker, xfuser_worker
 

@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=8)
     a = p.parse_args(argv)
     usp = _import_usp(a.device)
+    import yunchang.globals as yg
     from xfuser.config import xFuserArgs
     from xfuser.core.distributed import parallel_state as ps
     from xfuser.core.distributed import runtime_state as rs
-    import yunchang.globals as yg
 
     import compact_hooks as ch
     from compact_hooks.integrations.xfuser import compress_xfuser
