@@ -69,6 +69,9 @@ class CompactConfig(_Block):
     kernels: Literal["auto", "torch", "triton"] = "auto"  # see compact_hooks/kernels/dispatch.py
     rules: list[Rule] = Field(default_factory=list)
     links: Literal["all", "inter_host"] = "all"
+    # DistriFusion's schedule on the compressed exchange: each call's exchange is used one step later
+    stale: bool = False  # see compact_hooks/hooks/stale_compact.py
+    stale_fresh_roles: list[str] = Field(default_factory=lambda: ["o"])  # roles exchanged fresh under stale
 
     @field_validator("timeout_s", mode="before")
     @classmethod
@@ -112,6 +115,16 @@ class CompactConfig(_Block):
             problem = feedback_problem(compressor, rule.residual or self.residual)
             if problem:
                 raise ConfigError(f"rules[{i}].{'residual' if rule.residual is not None else 'compressor'}", problem)
+        return self
+
+    @model_validator(mode="after")
+    def _stale_fits(self) -> "CompactConfig":
+        if self.stale and self.hook != "compact":
+            raise ConfigError("stale", f"\"stale\": true is the compressed stale exchange of hook \"compact\"; with "
+                              f"hook {self.hook!r} drop it (hook \"stale\" alone is the uncompressed baseline)")
+        if self.stale and self.base_device == "cpu":
+            raise ConfigError("stale", "\"stale\": true keeps exchanges in flight across steps, which offloaded "
+                              "bases (base_device \"cpu\") do not support; use base_device \"input\"")
         return self
 
     def build_compressor(self):

@@ -36,9 +36,11 @@ class StaleHook(CommHook):
         if warmup_steps < 1:
             raise ValueError(f"StaleHook needs warmup_steps >= 1 (the first step has nothing stale); got {warmup_steps}")
         self.warmup_steps = warmup_steps
-        self.pending: dict[str, _StaleEntry] = {}
-        self.exchanges: dict[str, int] = {}
-        self.auto_counts: dict[str, int] = {}
+        # keyed by (key, group ranks), like the outstanding works: one key on two groups (two models
+        # with the same module names) keeps two schedules
+        self.pending: dict[tuple[str, tuple[int, ...]], _StaleEntry] = {}
+        self.exchanges: dict[tuple[str, tuple[int, ...]], int] = {}
+        self.auto_counts: dict[tuple[str, tuple[int, ...]], int] = {}
         self.stats_ = stats if stats is not None else Stats()
         self.step = 0
         self.request = 0
@@ -53,16 +55,17 @@ class StaleHook(CommHook):
             return CollectiveWork.completed(x)
         if call.op == "all_to_all":
             C.check_rows(x, size)
-        key = call.key if call.key is not None else f"{call.op}#{self.auto_counts.get(call.op, 0)}"
-        slot = (key, C.group_ranks(call.group))
+        ranks = C.group_ranks(call.group)
+        key = call.key if call.key is not None else f"{call.op}#{self.auto_counts.get((call.op, ranks), 0)}"
+        slot = (key, ranks)
         self.outstanding().check_free(slot, key)
         if call.key is None:
-            self.auto_counts[call.op] = self.auto_counts.get(call.op, 0) + 1
+            self.auto_counts[(call.op, ranks)] = self.auto_counts.get((call.op, ranks), 0) + 1
         sent = C.plain_bytes(call.op, x.numel() * x.element_size(), size)
         self.stats_.record(key, call.op, sent, sent, False)
-        count = self.exchanges.get(key, 0)
-        self.exchanges[key] = count + 1
-        previous = self.pending.pop(key, None)
+        count = self.exchanges.get(slot, 0)
+        self.exchanges[slot] = count + 1
+        previous = self.pending.pop(slot, None)
         if previous is not None and previous.local.shape != x.shape:
             previous.wait()
             previous = None
@@ -72,10 +75,10 @@ class StaleHook(CommHook):
             if count + 1 < self.warmup_steps:
                 return self.outstanding().add(slot, start_plain_collective(call, self.timeout_s), key)
             # the last exact step: its exchange is also the stale data of the next step
-            entry = self.pending[key] = self._start(call, x, size)
+            entry = self.pending[slot] = self._start(call, x, size)
             work = CollectiveWork([entry.transfer], lambda: self._exact(call, entry), x.device)
             return self.outstanding().add(slot, work, key)
-        self.pending[key] = self._start(call, x, size)
+        self.pending[slot] = self._start(call, x, size)
         work = CollectiveWork([previous.transfer], lambda: self._assemble(call, previous, x, size), x.device)
         return self.outstanding().add(slot, work, key)
 
