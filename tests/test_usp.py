@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("diffusers")
 
-from compact_hooks.integrations.diffusers.usp import check_degrees, default_degrees, usp_grid  # noqa: E402
+from compact_hooks.integrations.diffusers.usp import check_degrees, default_degrees, ring_sources, usp_grid  # noqa: E402
 
 from tests.distributed import run_ranks  # noqa: E402
 from tests.usp_workers import FULL_CASES, FULL_LAYOUTS, USP_CASES, link_property_worker, link_worker, usp_parity_worker  # noqa: E402
@@ -137,6 +137,29 @@ def test_grid_is_a_partition_that_keeps_ulysses_groups_on_a_host(assignment, dat
         assert all(len({hosts[r] for r in row}) == 1 for row in grid)
     else:
         assert [r for row in grid for r in row] == list(range(world))
+
+
+@settings(max_examples=200, deadline=None)
+@given(assignment=hosts_st, data=st.data())
+def test_ring_sources_follow_the_ring_groups_rank_order(assignment, data):
+    """Simulate the ring exchange as torch.distributed runs it (a group ordered by rank, position p
+    sends to p + 1): the row ring_sources names is the row of the block each rank holds after each hop."""
+    hosts = [f"n{h}" for h in assignment]
+    world = len(hosts)
+    U = data.draw(st.sampled_from([d for d in range(1, world + 1) if world % d == 0]))
+    R = world // U
+    grid = usp_grid(hosts, U, R)
+    row_of = {rank: i for i, row in enumerate(grid) for rank in row}
+    for u in range(U):
+        order = sorted(row[u] for row in grid)  # dist.new_group's order
+        held = {rank: row_of[rank] for rank in order}  # the row whose K/V block each rank holds
+        sources = {rank: ring_sources(grid, order, rank) for rank in order}
+        for hop in range(R):
+            assert all(sources[rank][hop] == held[rank] for rank in order), (grid, order, hop)
+            held = {order[(p + 1) % R]: held[order[p]] for p in range(R)}
+        assert all(sorted(s) == list(range(R)) for s in sources.values())
+    with pytest.raises(ValueError, match="one rank of each row"):
+        ring_sources(((0, 1), (2, 3)), [0, 1], 0)
 
 
 def test_degrees():

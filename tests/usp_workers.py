@@ -174,6 +174,60 @@ def link_worker(rank: int, world: int, fake_hosts: bool = True) -> dict:
     return out
 
 
+# name -> (host of each rank, ulysses_degree, ring_degree); the world size is len(hosts). Hosts are
+# emulated by Topology(hostname): "abab..." is mpirun --map-by node (round-robin over hosts), "aabb..."
+# --map-by slot (contiguous). "*" marks the placements whose ring groups, ordered by global rank, are
+# not a rotation of the grid's rows (tests/test_usp_placement.py checks that some are).
+PLACEMENTS: dict[str, tuple[str, int, int]] = {
+    "rr2:u2r4": ("abababab", 2, 4),  # * 2 hosts x 4 ranks, round-robin
+    "blk2:u2r4": ("aaaabbbb", 2, 4),  # 2 hosts x 4 ranks, contiguous
+    "rr4:u2r4": ("abcdabcd", 2, 4),  # 4 hosts x 2 ranks, round-robin
+    "rr2:u1r8": ("abababab", 1, 8),  # *
+    "rr3:u2r3": ("abcabc", 2, 3),  # 3 hosts x 2 ranks, round-robin
+    "blk3:u2r3": ("aabbcc", 2, 3),  # 3 hosts x 2 ranks, contiguous
+    "rr-uneven:u2r3": ("ababaa", 2, 3),  # * round-robin over hosts of 4 and 2 slots
+    "rev3:u2r3": ("abccba", 2, 3),  # *
+    "rr2:u2r3": ("ababab", 2, 3),  # 3 ranks per host: consecutive Ulysses groups
+    "rr3:u1r6": ("abcabc", 1, 6),  # *
+}
+PLACEMENT_INPUT = {"height": 5, "width": 5, "text": 7}  # 25 image and 7 text tokens: padded on 6 and 8 ranks
+PLACEMENT_STEPS = 3  # drifting latents: step 0 is int2's warm-up (full sends), steps 1-2 are residuals
+
+
+def usp_placement_worker(rank: int, world: int) -> dict:
+    """USP on every placement of :data:`PLACEMENTS` over ``world`` ranks: PassthroughHook and int2
+    (warm-up 1) vs the single-process model at each of :data:`PLACEMENT_STEPS` drifting steps."""
+    torch.set_num_threads(1)
+    from compact_hooks.integrations.diffusers import parallelize
+    from compact_hooks.integrations.diffusers.tiny import TINY_MODELS, tiny_inputs
+
+    model = TINY_MODELS["flux"]()
+    inp = tiny_inputs("flux", model, **PLACEMENT_INPUT)
+    steps = [{**inp, "hidden_states": inp["hidden_states"] * (1.0 + 0.1 * s)} for s in range(PLACEMENT_STEPS)]
+    with torch.no_grad():
+        refs = [model(**x)[0] for x in steps]
+    out: dict[str, Any] = {}
+    for name, (hosts, u, r) in PLACEMENTS.items():
+        if len(hosts) != world:
+            continue
+        topo = Topology(hosts[rank])
+        res: dict[str, Any] = {}
+        for label, hook in (("plain", PassthroughHook()),
+                            ("int2", CompactHook({"compressor": "int2", "warmup_steps": 1}))):
+            handle = parallelize(model, None, mode="usp", hook=hook, ulysses_degree=u, ring_degree=r, topology=topo)
+            usp = handle.state.comm.usp
+            with torch.no_grad():
+                res[label] = [rel_max(model(**x)[0], ref) for x, ref in zip(steps, refs)]
+            handle.remove()
+        ring = hook.stats()["per_key"]
+        res["int2_ring"] = [sum(v[f] for k, v in ring.items() if ":ring_" in k) for f in ("raw_bytes", "wire_bytes")]
+        res["grid"] = [list(row) for row in usp.grid]
+        res["ring"] = list(group_ranks(usp.ring))
+        res["sources"] = list(getattr(usp, "sources", ()))
+        out[name] = res
+    return out
+
+
 MARK = "@@RESULT "
 
 

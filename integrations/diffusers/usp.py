@@ -6,8 +6,12 @@ group, all holding the same heads). One attention call:
 
 1. Ulysses: all-to-all of Q, K, V inside the Ulysses group (``key:q|k|v``): every rank then holds the
    tokens of its whole Ulysses group for ``H / U`` heads;
-2. ring: ``R - 1`` exchanges of that K/V block around the ring group (``key:ring_k.hopN``,
-   ``key:ring_v.hopN``), each block's attention merged with an online softmax (float32);
+2. ring: that K/V block relayed around the ring group in ``R - 1`` hops (``hook.start_relay``, keys
+   ``key:ring_k`` / ``key:ring_v``, counted per hop as ``key:ring_k.hopN``; the next hop in flight
+   while a block's attention runs), each block's attention merged with an online softmax (float32). A ring
+   exchange follows the ring group's rank order (global ranks ascending, as ``dist.new_group`` orders
+   them), which is not the grid's row order when hosts hold ranks round-robin, so the grid row a block
+   came from (whose padding it masks) is read from the group's actual order (:func:`ring_sources`);
 3. Ulysses: all-to-all of the output back to the token owners (``key:o``).
 
 Every collective goes through the hook with its own sub-group, so a
@@ -25,11 +29,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from compact_hooks.collectives import global_rank, group_rank, group_size
+from compact_hooks.collectives import global_rank, group_rank, group_ranks, group_size
 from compact_hooks.hook import CollectiveCall, CommHook
 from compact_hooks.topology import Topology
 
-from .attention import SequenceLayout, _block_attention, _merge, check_heads, local_attention
+from .attention import SequenceLayout, _block_attention, _merge, check_heads, local_attention, ring_blocks
 
 Grid = tuple[tuple[int, ...], ...]
 
@@ -51,6 +55,22 @@ def usp_grid(hosts: Sequence[str], ulysses_degree: int, ring_degree: int) -> Gri
     else:
         order = list(range(world))
     return tuple(tuple(order[i * ulysses_degree:(i + 1) * ulysses_degree]) for i in range(ring_degree))
+
+
+def ring_sources(grid: Grid, ring_order: Sequence[int], me: int) -> tuple[int, ...]:
+    """The grid row of the K/V block rank ``me`` holds after each of ``len(grid)`` ring hops.
+
+    ``ring_order`` is ``me``'s ring group (a grid column) in its rank order, the order a ring exchange
+    follows: position ``p`` sends to ``p + 1`` and receives from ``p - 1``, so after ``h`` hops ``me``
+    holds the block of the member ``h`` positions before it.
+    """
+    row_of = {rank: i for i, row in enumerate(grid) for rank in row}
+    rows = [row_of.get(r) for r in ring_order]
+    if me not in ring_order or None in rows or sorted(rows) != list(range(len(grid))):  # type: ignore[type-var]
+        raise ValueError(f"ring order {tuple(ring_order)} must hold one rank of each row of the grid {grid}, "
+                         f"rank {me} among them")
+    pos, size = list(ring_order).index(me), len(ring_order)
+    return tuple(row_of[ring_order[(pos - hop) % size]] for hop in range(size))
 
 
 def check_degrees(ulysses_degree: int, ring_degree: int, world: int) -> None:
@@ -91,8 +111,14 @@ class USPGroups:
     ulysses: Optional[dist.ProcessGroup]
     ring: Optional[dist.ProcessGroup]
     grid: Grid
-    ring_rank: int  # my row of the grid (position in my ring group)
+    ring_rank: int  # my row of the grid (not necessarily my position in my ring group)
     ulysses_rank: int  # my column (position in my Ulysses group)
+    sources: tuple[int, ...]  # sources[h]: the grid row of the K/V block I hold after h ring hops
+
+    def __post_init__(self) -> None:
+        if sorted(self.sources) != list(range(len(self.grid))) or self.sources[0] != self.ring_rank:
+            raise ValueError(f"USPGroups: sources {self.sources} must visit every row of the {len(self.grid)}-row "
+                             f"grid once, starting at this rank's row {self.ring_rank}")
 
     @property
     def ulysses_degree(self) -> int:
@@ -128,11 +154,13 @@ def build_usp_groups(group: Optional[dist.ProcessGroup], ulysses_degree: Optiona
     if ulysses_degree == -1 or ring_degree == -1:
         raise ValueError(f"mode='usp': {world} ranks cannot be split by ulysses_degree={ulysses_degree} / "
                          f"ring_degree={ring_degree}; give degrees whose product is {world}")
-    grid = usp_grid(hosts, ulysses_degree, ring_degree)
+    to_global = [global_rank(group, r) for r in range(world)]
+    # each row in the rank order dist.new_group gives its Ulysses group: a block's token order
+    grid = tuple(tuple(sorted(row, key=to_global.__getitem__))
+                 for row in usp_grid(hosts, ulysses_degree, ring_degree))
     me = group_rank(group)
     row = next(i for i, ranks in enumerate(grid) if me in ranks)
     col = grid[row].index(me)
-    to_global = [global_rank(group, r) for r in range(world)]
     local_sync = not (group is None or group is dist.group.WORLD)
     made: dict[tuple[int, ...], Optional[dist.ProcessGroup]] = {}
 
@@ -145,7 +173,9 @@ def build_usp_groups(group: Optional[dist.ProcessGroup], ulysses_degree: Optiona
 
     uly = [new_group(ranks) for ranks in grid]
     ring = [new_group([grid[i][u] for i in range(ring_degree)]) for u in range(ulysses_degree)]
-    return USPGroups(uly[row], ring[col], grid, row, col)
+    to_group = {g: r for r, g in enumerate(to_global)}
+    ring_order = [to_group[g] for g in group_ranks(ring[col])] if ring_degree > 1 else [me]
+    return USPGroups(uly[row], ring[col], grid, row, col, ring_sources(grid, ring_order, me))
 
 
 # ---- the attention core -------------------------------------------------------------------------
@@ -191,12 +221,8 @@ def usp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, usp: USPGro
     else:
         scale = 1.0 / math.sqrt(D)
         acc: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        k_cur, v_cur = kh.contiguous(), vh.contiguous()
-        for hop in range(R):
-            if hop:
-                k_cur = hook(CollectiveCall("ring_exchange", k_cur, usp.ring, key=f"{key}:ring_k.hop{hop}"))
-                v_cur = hook(CollectiveCall("ring_exchange", v_cur, usp.ring, key=f"{key}:ring_v.hop{hop}"))
-            src = usp.grid[(usp.ring_rank - hop) % R]
+        for hop, k_cur, v_cur in ring_blocks(kh, vh, hook, usp.ring, f"{key}:ring_k", f"{key}:ring_v"):
+            src = usp.grid[usp.sources[hop]]
             if sum(layout.rank_valid_count(r) for r in src) == 0:
                 continue  # every key of this block is padding
             acc = _merge(acc, _block_attention(qh, k_cur, v_cur, scale, _block_valid(layout, src, q.device)))
