@@ -60,7 +60,8 @@ def _strided_hooks() -> dict:
         "passthrough": lambda: ch.PassthroughHook(),
         "cast": lambda: ch.CastHook(torch.bfloat16),
         "compact-lossless": lambda: ch.CompactHook({"compressor": "none"}),  # plain fallback
-        "compact-op-off": lambda: ch.CompactHook({"compressor": "int2", "collectives": ["all_gather"]}),
+        "compact-op-off": lambda: ch.CompactHook({"compressor": "int2", "collectives": ["all_gather"],
+                                                   "warmup_compressor": None}),  # exact first step
         "stale": lambda: ch.StaleHook(1),  # warm-up step: exact
     }
 
@@ -125,7 +126,8 @@ def small_reduce_worker(rank: int, world: int) -> dict:
              ("int2", (1, 4096), torch.float32), ("int8", (5, 64), torch.float32),
              ("int1", (1, 8), torch.bfloat16)]
     for spec, shape, dtype in cases:
-        hook, plain = ch.CompactHook({"compressor": spec}), ch.PassthroughHook()
+        # a full, exact first step: the bounds below are of the residual steps
+        hook, plain = ch.CompactHook({"compressor": spec, "warmup_compressor": None}), ch.PassthroughHook()
         errs, equal_to_plain = [], []
         for step in range(6):
             inputs = [drifting(j, step, shape, dtype) for j in range(world)]
@@ -226,7 +228,8 @@ def exact_compressed_worker(rank: int, world: int) -> list[str]:
         for residual in ["none", "ef", "delta"]:
             for op, shape, dim in cases:
                 for layout in ["contiguous", "sliced"]:
-                    hook = ch.CompactHook({"compressor": "exact_small_ints_test", "residual": residual})
+                    hook = ch.CompactHook({"compressor": "exact_small_ints_test", "residual": residual,
+                                           "warmup_compressor": None})  # lossless full sends too
                     for step in range(3):
                         inputs = [small_ints(j, step, shape, dtype) for j in range(world)]
                         x = strided(inputs[rank], layout)

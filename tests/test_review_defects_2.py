@@ -107,54 +107,6 @@ def test_defect2_one_key_on_two_groups_keeps_one_stream_per_group(verify_every, 
                 assert entry["calls"] == 10, (name, entry)
 
 
-# -- defect 10: plain calls are not full sends ----------------------------------------------------
-D10_CALLS = {  # key -> (op, dtype, shape); "c" is compressed, every other key takes the plain path
-    "c": ("all_to_all", torch.float32, (4, 256)),
-    "int": ("all_gather", torch.int64, (4, 256)),  # not a float tensor
-    "ring": ("ring_exchange", torch.float32, (4, 256)),  # an op not in "collectives"
-    "plainrule:x": ("all_gather", torch.float32, (4, 256)),  # a "plain" rule
-    "lossless:x": ("all_reduce", torch.float32, (4, 256)),  # a rule whose codec is lossless here
-    "tiny": ("all_gather", torch.float32, (1, 2)),  # plain is cheaper than the payload
-}
-D10_STEPS = 3
-
-
-def defect10_worker(rank: int, world: int) -> dict:
-    hook = ch.CompactHook({"compressor": "int8", "warmup_compressor": None,
-                           "collectives": ["all_gather", "all_to_all", "all_reduce"],
-                           "rules": [{"match": {"key": "plainrule:*"}, "plain": True},
-                                     {"match": {"key": "lossless:*"}, "compressor": "none"}]})
-    failures = []
-    for step in range(D10_STEPS):
-        for key, (op, dtype, shape) in D10_CALLS.items():
-            inputs = [(torch.arange(torch.Size(shape).numel()).reshape(shape) % 17 + 10 * j + step).to(dtype)
-                      for j in range(world)]
-            got = hook(ch.CollectiveCall(op, inputs[rank], None, key=key))
-            want = exact(op, inputs, rank)
-            if key != "c" and not torch.equal(got, want):
-                failures.append(f"{key} step {step}: the plain path is not exact")
-            if key == "c" and rel_error(got, want) > 0.01:
-                failures.append(f"{key} step {step}: rel. error {rel_error(got, want):.3g}")
-        hook.next_step()
-    return {"failures": failures, "stats": hook.stats()}
-
-
-def test_defect10_plain_calls_are_not_counted_as_full_sends():
-    for res in run_ranks(defect10_worker, 2):
-        assert res["failures"] == []
-        stats = res["stats"]
-        for key, entry in stats["per_key"].items():
-            assert entry["calls"] == D10_STEPS, (key, entry)
-            if key == "c":  # one full send (warm-up), then compressed
-                assert entry["full_sends"] == 1 and entry["wire_bytes"] < entry["raw_bytes"], (key, entry)
-            else:  # every call plain: none is a full send
-                assert entry["full_sends"] == 0 and entry["wire_bytes"] == entry["raw_bytes"], (key, entry)
-        for key, entry in stats["per_key"].items():
-            assert entry["plain_calls"] == (0 if key == "c" else D10_STEPS), (key, entry)
-        assert set(stats["per_key"]) == set(D10_CALLS)
-        assert stats["full_sends"] == 1 and stats["plain_calls"] == D10_STEPS * (len(D10_CALLS) - 1)
-
-
 # -- defects 4-6: links: "inter_host" / LinkAwareHook (workers in tests/links_workers.py) ----------
 def test_defect4_ranks_that_disagree_on_links_raise_protocol_error_on_every_rank():
     from tests import links_workers
@@ -322,9 +274,9 @@ def test_defect8_auto_with_error_feedback_is_accepted():
 # -- defect 11: auto reads the host at most twice per collective call ----------------------------
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__", "__bool__")
 HOST_TENSORS = ("tensor", "as_tensor", "frombuffer", "from_numpy")
-# residual.py's _clean and _poison_if read a flag only for CPU tensors (free there); on accelerators
-# they take a branch without a read
-CPU_ONLY_READERS = {"_clean", "_poison_if"}
+# compact_hooks/finite.py's clean and poison_if read a flag only for CPU tensors (free there); on
+# accelerators they take a branch without a read
+CPU_ONLY_READERS = {"clean", "poison_if"}
 
 
 def _counted(fn, calls: list[str], name: str):
@@ -386,3 +338,51 @@ def test_defect11_auto_reads_the_host_at_most_twice_per_call():
             limit = 4 if op == "all_reduce" else 2  # all_reduce: two exchanges (reduce-scatter, all-gather)
             assert len(reads) <= limit, f"rank {rank} {op}: {len(reads)} host reads: {reads}"
             assert made == [], f"rank {rank} {op}: tensors made from host data: {made}"
+
+
+# -- defect 10: plain calls are not full sends ----------------------------------------------------
+D10_CALLS = {  # key -> (op, dtype, shape); "c" is compressed, every other key takes the plain path
+    "c": ("all_to_all", torch.float32, (4, 256)),
+    "int": ("all_gather", torch.int64, (4, 256)),  # not a float tensor
+    "ring": ("ring_exchange", torch.float32, (4, 256)),  # an op not in "collectives"
+    "plainrule:x": ("all_gather", torch.float32, (4, 256)),  # a "plain" rule
+    "lossless:x": ("all_reduce", torch.float32, (4, 256)),  # a rule whose codec is lossless here
+    "tiny": ("all_gather", torch.float32, (1, 2)),  # plain is cheaper than the payload
+}
+D10_STEPS = 3
+
+
+def defect10_worker(rank: int, world: int) -> dict:
+    hook = ch.CompactHook({"compressor": "int8", "warmup_compressor": None,
+                           "collectives": ["all_gather", "all_to_all", "all_reduce"],
+                           "rules": [{"match": {"key": "plainrule:*"}, "plain": True},
+                                     {"match": {"key": "lossless:*"}, "compressor": "none"}]})
+    failures = []
+    for step in range(D10_STEPS):
+        for key, (op, dtype, shape) in D10_CALLS.items():
+            inputs = [(torch.arange(torch.Size(shape).numel()).reshape(shape) % 17 + 10 * j + step).to(dtype)
+                      for j in range(world)]
+            got = hook(ch.CollectiveCall(op, inputs[rank], None, key=key))
+            want = exact(op, inputs, rank)
+            if key != "c" and not torch.equal(got, want):
+                failures.append(f"{key} step {step}: the plain path is not exact")
+            if key == "c" and rel_error(got, want) > 0.01:
+                failures.append(f"{key} step {step}: rel. error {rel_error(got, want):.3g}")
+        hook.next_step()
+    return {"failures": failures, "stats": hook.stats()}
+
+
+def test_defect10_plain_calls_are_not_counted_as_full_sends():
+    for res in run_ranks(defect10_worker, 2):
+        assert res["failures"] == []
+        stats = res["stats"]
+        for key, entry in stats["per_key"].items():
+            assert entry["calls"] == D10_STEPS, (key, entry)
+            if key == "c":  # one full send (warm-up), then compressed
+                assert entry["full_sends"] == 1 and entry["wire_bytes"] < entry["raw_bytes"], (key, entry)
+            else:  # every call plain: none is a full send
+                assert entry["full_sends"] == 0 and entry["wire_bytes"] == entry["raw_bytes"], (key, entry)
+        for key, entry in stats["per_key"].items():
+            assert entry["plain_calls"] == (0 if key == "c" else D10_STEPS), (key, entry)
+        assert set(stats["per_key"]) == set(D10_CALLS)
+        assert stats["full_sends"] == 1 and stats["plain_calls"] == D10_STEPS * (len(D10_CALLS) - 1)

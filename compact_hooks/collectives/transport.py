@@ -197,12 +197,46 @@ SIZE_NBYTES = 8  # one int64 length per payload, counted in the wire bytes
 
 
 def _lengths(values: list[int], device: torch.device) -> torch.Tensor:
-    """``values`` as an int64 tensor on ``device``, written element by element (a fill each): no
-    tensor made from host data, hence no pageable host-to-device copy on a GPU."""
+    """``values`` as an int64 tensor on ``device``, written by fill kernels: no tensor made from host
+    data, hence no pageable host-to-device copy (nor the sync of ``t[i] = v``) on a GPU."""
     out = torch.empty(len(values), dtype=torch.int64, device=device)
     for i, value in enumerate(values):
-        out[i] = value
+        out[i:i + 1].fill_(value)
     return out
+
+
+def start_all_gather_sized(payload: torch.Tensor, counts: list[int], group: Group, timeout_s: Optional[float],
+                           what: str) -> tuple[Transfer, list[torch.Tensor]]:
+    """Every rank's payload, own one included, in rank order, ``counts[j]`` bytes from rank ``j`` (every
+    rank knows them: no length exchange); each rank sends its payload once to every peer. Filled once
+    the transfer is waited."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    send = payload.repeat(size - 1)
+    in_splits = [0 if j == rank else payload.numel() for j in range(size)]
+    out_splits = [0 if j == rank else counts[j] for j in range(size)]
+    out = torch.empty(sum(out_splits), dtype=payload.dtype, device=payload.device)
+    transfer = start_transfer(lambda: dist.all_to_all_single(out, send, out_splits, in_splits, group=group,
+                                                             async_op=True), group, timeout_s, what)
+    parts = list(out.split(out_splits))
+    parts[rank] = payload
+    return transfer, parts
+
+
+def start_all_to_all_sized(payloads: list[Optional[torch.Tensor]], counts: list[int], group: Group,
+                           timeout_s: Optional[float], what: str) -> tuple[Transfer, list[Optional[torch.Tensor]]]:
+    """``payloads[j]`` (``None`` for this rank) goes to rank ``j``; ``counts[j]`` bytes come from rank ``j``
+    (every rank knows them: no length exchange). What each rank sent here (``None`` at this rank) is
+    filled once the transfer is waited."""
+    rank = dist.get_rank(group)
+    in_splits = [0 if p is None else p.numel() for p in payloads]
+    out_splits = [0 if j == rank else n for j, n in enumerate(counts)]
+    send = torch.cat([p for p in payloads if p is not None])
+    out = torch.empty(sum(out_splits), dtype=send.dtype, device=send.device)
+    transfer = start_transfer(lambda: dist.all_to_all_single(out, send, out_splits, in_splits, group=group,
+                                                             async_op=True), group, timeout_s, what)
+    received: list[Optional[torch.Tensor]] = list(out.split(out_splits))
+    received[rank] = None
+    return transfer, received
 
 
 def start_all_gather_varlen(payload: torch.Tensor, group: Group, timeout_s: Optional[float],

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from compact_hooks.hook import CollectiveCall, CommHook
+from compact_hooks.hooks.fusion import fusable
 
 Mode = Literal["ulysses", "allgather", "ring", "usp"]
 MODES: tuple[str, ...] = ("ulysses", "allgather", "ring", "usp")
@@ -120,7 +121,8 @@ def sequence_parallel_attention(
 
     ``q``, ``k``, ``v`` are this rank's ``[B, S_local, H, D]`` shards laid out as ``layout``; the result
     is this rank's ``[B, S_local, H, D]`` output. ``key`` names the call site (``"blocks.3.attn"``);
-    the collectives are keyed ``key + ":q" | ":k" | ":v" | ":o"`` (ring: ``":k.hop1"``, ...).
+    the collectives are keyed ``key + ":qkv" | ":o"`` (Ulysses; ``":q" | ":k" | ":v"`` where rules keep the
+    roles apart), ``key + ":k" | ":v"`` (all-gather; ring: ``":k.hop1"``, ...).
     """
     if q.shape[1] != layout.local:
         raise RuntimeError(f"{key}: the local sequence has {q.shape[1]} tokens but its layout says {layout.local}")
@@ -150,28 +152,40 @@ def check_heads(heads: int, world: int, where: str) -> None:
 
 
 def _ulysses(q, k, v, comm: AttentionComm, key: str, layout: SequenceLayout) -> torch.Tensor:
+    """Q, K and V to heads in one all-to-all (``key:qkv``; three, ``key:q|k|v``, where the hook's rules
+    tell the roles apart, see :func:`compact_hooks.hooks.fusion.fusable`), local attention, and the
+    output back (``key:o``, started as soon as it is computed)."""
     P = comm.world
     B, S, H, D = q.shape
     check_heads(H, P, key)
 
-    def exchange(send: torch.Tensor, name: str) -> torch.Tensor:
-        # The hook sees [P, B, S, H/P * D] (a view): a codec's channel dim spans this rank's heads, so
-        # a low-rank codec factors [tokens, H/P * D], not one [tokens * heads, D] matrix per head.
-        merged = comm.hook(CollectiveCall("all_to_all", send.flatten(3, 4), comm.group, key=f"{key}:{name}"))
-        return merged.view(send.shape)
+    def heads_first(x: torch.Tensor) -> torch.Tensor:
+        # [B, S, H, D] -> [P, B, S, H/P, D] (a view): chunk j (heads of rank j) goes to rank j.
+        return x.unflatten(2, (P, H // P)).permute(2, 0, 1, 3, 4)
 
-    def to_heads(x: torch.Tensor, name: str) -> torch.Tensor:
-        # [B, S, H, D] -> [P, B, S, H/P, D]: chunk j (heads of rank j) goes to rank j.
-        recv = exchange(x.unflatten(2, (P, H // P)).permute(2, 0, 1, 3, 4).contiguous(), name)
+    def to_heads(recv: torch.Tensor) -> torch.Tensor:
         # chunk j: rank j's tokens, my heads -> [B, P*S, H/P, D] in rank order
         return recv.permute(1, 0, 2, 3, 4).flatten(1, 2)
 
-    qh, kh, vh = to_heads(q, "q"), to_heads(k, "k"), to_heads(v, "v")
+    # The hook sees [P, ..., B, S, H/P * D]: a codec's channel dim spans this rank's heads, so a
+    # low-rank codec factors [tokens, H/P * D], not one [tokens * heads, D] matrix per head.
+    names = [f"{key}:{n}" for n in "qkv"]
+    if fusable(comm.hook, names, f"{key}:qkv", "all_to_all", comm.group):
+        send = torch.stack([heads_first(x) for x in (q, k, v)], dim=1)  # [P, 3, B, S, H/P, D]
+        recv = comm.hook(CollectiveCall("all_to_all", send.flatten(4, 5), comm.group, key=f"{key}:qkv"))
+        qh, kh, vh = (to_heads(part) for part in recv.view(send.shape).unbind(1))
+    else:
+        def exchange(x: torch.Tensor, name: str) -> torch.Tensor:
+            send = heads_first(x).contiguous()
+            return to_heads(comm.hook(CollectiveCall("all_to_all", send.flatten(3, 4), comm.group,
+                                                     key=name)).view(send.shape))
+        qh, kh, vh = (exchange(x, name) for x, name in zip((q, k, v), names))
     out = local_attention(qh, kh, vh, layout.global_valid(P, q.device))
     # [B, P*S, H/P, D] -> [P, B, S, H/P, D]: rank j's tokens go back to rank j.
-    recv = exchange(out.unflatten(1, (P, S)).permute(1, 0, 2, 3, 4).contiguous(), "o")
+    send = out.unflatten(1, (P, S)).permute(1, 0, 2, 3, 4).contiguous()
+    work = comm.hook.start(CollectiveCall("all_to_all", send.flatten(3, 4), comm.group, key=f"{key}:o"))
     # chunk j: my tokens, heads of rank j -> [B, S, H, D]
-    return recv.permute(1, 2, 0, 3, 4).flatten(2, 3)
+    return work.wait().view(send.shape).permute(1, 2, 0, 3, 4).flatten(2, 3)
 
 
 def _allgather(q, k, v, comm: AttentionComm, key: str, layout: SequenceLayout) -> torch.Tensor:
