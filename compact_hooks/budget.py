@@ -192,7 +192,7 @@ class BudgetPlanner:
         """Allocate the new step of every pool from the last step's measurements (one host read)."""
         entries = [(state, site, seen) for state in self.pools.values() for site, seen in sorted(state.seen.items())]
         stats = [seen.stats for _, _, seen in entries if seen.stats is not None]
-        values = iter(torch.stack(stats).view(torch.bfloat16).float().cpu().tolist() if stats else [])
+        values = iter(torch.stack(stats).view(torch.bfloat16).float().tolist() if stats else [])
         measured: dict[int, list[tuple[Site, _Seen, float, float]]] = {}
         for state, site, seen in entries:
             r, e = (v if math.isfinite(v) else HUGE for v in next(values)) if seen.stats is not None else (0.0, 0.0)

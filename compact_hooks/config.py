@@ -127,6 +127,21 @@ class CompactConfig(_Block):
                               "bases (base_device \"cpu\") do not support; use base_device \"input\"")
         return self
 
+    @model_validator(mode="after")
+    def _budget_fits(self) -> "CompactConfig":
+        """``auto`` with a byte budget sizes each step from the last step's decoded norms, which the
+        stale schedule decodes only in the next step."""
+        if not self.stale:
+            return self
+        for where, spec in [("compressor", self.compressor)] + [
+                (f"rules[{i}].compressor", rule.compressor) for i, rule in enumerate(self.rules)
+                if not rule.plain and rule.compressor is not None]:
+            if getattr(build_compressor(spec), "budgeted", False):
+                raise ConfigError(where, "compressor 'auto' with a byte budget (target_ratio / bytes_of) sizes each "
+                                  "step from the previous step's decoded payloads, which \"stale\": true decodes only "
+                                  "in the next step; use a fixed codec (e.g. \"int2\") or auto's target_rel_error")
+        return self
+
     def build_compressor(self):
         return build_compressor(self.compressor)
 

@@ -16,9 +16,12 @@ collective would send), ``wire`` the payload bytes really sent. When the steady-
 of a call would not be smaller than the plain collective (tiny tensors, where headers and scales
 dominate), the call takes the plain collective instead: compression never sends more than plain.
 
-Codecs whose payload length varies per call (``variable_size``, e.g. ``auto``) exchange lengths
-first (8 bytes per payload, counted in ``wire``) and then send exactly the payload bytes; the length
-exchange blocks inside start (only the payload transfer is in flight).
+Codecs whose payload length varies per call (``variable_size``, e.g. ``auto`` with a threshold) exchange
+lengths first (8 bytes per payload, counted in ``wire``) and then send exactly the payload bytes; the
+length exchange blocks inside start (only the payload transfer is in flight). ``auto`` with a byte
+budget (``Session.budget``, :mod:`compact_hooks.budget`) needs no lengths: every rank derives every
+stream's level, hence its size, from the previous step's norms, so each stage is one exchange of
+known sizes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..budget import Exchange
 from ..residual import Session
 from ..stats import KeyStats
 from ..work import CollectiveWork
@@ -40,8 +44,10 @@ from .transport import (
     Transfer,
     group_ranks,
     start_all_gather_bytes,
+    start_all_gather_sized,
     start_all_gather_varlen,
     start_all_to_all_bytes,
+    start_all_to_all_sized,
     start_all_to_all_varlen,
     start_exchange_ring,
     start_exchange_ring_varlen,
@@ -99,16 +105,47 @@ def _check_and_verify(session: Session, ks: KeyStats, out: torch.Tensor, exact: 
         maybe_verify(session, stream, group)
 
 
+def _budget(session: Session, stream: str, shape: tuple[int, ...], dtype: torch.dtype, full: bool,
+            sends: list[tuple[int, Optional[int]]], receives: list[tuple[int, Optional[int]]]) -> Optional[Exchange]:
+    """``auto`` with a byte budget: this call's levels and sizes, known to every rank (``None``: no budget)."""
+    if session.budget is None:
+        return None
+    return session.budget.exchange(session.request, session.step, stream, shape, dtype, full, sends, receives)
+
+
+def _encode_gathered(session: Session, stream: str, group: Group, x: torch.Tensor,
+                     full: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[Exchange]]:
+    """Encode this rank's stream of an all-gather stage (at its budgeted level): payload, own reconstruction."""
+    size, rank = group_size(group), group_rank(group)
+    me = global_rank(group, rank)
+    ex = _budget(session, stream, tuple(x.shape), x.dtype, full, [(me, None)],
+                 [(global_rank(group, j), None) for j in range(size) if j != rank])
+    channel = session.channel(stream, me)
+    if ex is not None and not full:
+        channel.codec_state["level"] = ex.send_levels[0]
+    payload, own = channel.encode(x, full)
+    if ex is not None:
+        ex.sent([payload])
+    return payload, own, ex
+
+
 class _GatherStage:
     """The all-gather stage of one stream per source: every rank's payload in flight; ``received()``
     (after the transfer) checks the headers of a key's first full send."""
 
     def __init__(self, payload: torch.Tensor, full: bool, session: Session, stream: str, group: Group,
-                 dtype: torch.dtype, numel: int, what: str) -> None:
+                 dtype: torch.dtype, numel: int, what: str, budget: Optional[Exchange] = None) -> None:
         self.full, self.session, self.stream, self.group, self.dtype, self.numel = full, session, stream, group, dtype, numel
         self.varlen = session.compressor.variable_size and not full
+        self.budget = budget
         self.transfer: Transfer
-        if self.varlen:
+        if budget is not None and not full:  # sizes every rank knows: one exchange
+            rank = group_rank(group)
+            sizes = iter(budget.receive_nbytes(payload.numel()))
+            counts = [payload.numel() if j == rank else next(sizes) for j in range(group_size(group))]
+            self.transfer, self.gathered = start_all_gather_sized(payload, counts, group, session.timeout_s, what)
+            self.sent = payload.numel()
+        elif self.varlen:
             self.transfer, self.gathered = start_all_gather_varlen(payload, group, session.timeout_s, what)
             self.sent = payload.numel() + SIZE_NBYTES  # per peer
         else:
@@ -119,6 +156,9 @@ class _GatherStage:
         self.transfer.wait()
         if self.full:
             verify_headers(self._rows, self.session, self.stream, self.group, self.dtype, self.numel)
+        if self.budget is not None:
+            rank = group_rank(self.group)
+            self.budget.received([p for j, p in enumerate(self.gathered) if j != rank])
         return self.gathered
 
 
@@ -145,11 +185,22 @@ class _ChunkStage:
         rank, me = self.rank, self.me
         if self.varlen:
             _plan_levels(session, stream, me, [(global_rank(group, j), c) for j, c in enumerate(chunks) if j != rank])
-        payloads = [None if j == rank else session.channel(stream, me, global_rank(group, j)).encode(chunk, full)[0]
+        peers = [global_rank(group, j) for j in range(size) if j != rank]
+        self.budget = _budget(session, stream, tuple(chunks[0].shape), chunks[0].dtype, full,
+                              [(me, g) for g in peers], [(g, me) for g in peers])
+        levels = iter(self.budget.send_levels if self.budget is not None and not full else ())
+        payloads = [None if j == rank else self._encode(chunk, global_rank(group, j), next(levels, None))
                     for j, chunk in enumerate(chunks)]
         what = f"all_to_all of {stream!r}"
         self.transfer: Transfer
-        if self.varlen:
+        if self.budget is not None:
+            self.budget.sent([p for p in payloads if p is not None])
+        if self.budget is not None and not full:  # sizes every rank knows: one exchange
+            sizes = iter(self.budget.receive_nbytes(0))
+            counts = [0 if j == rank else next(sizes) for j in range(size)]
+            self.transfer, self.recv = start_all_to_all_sized(payloads, counts, group, session.timeout_s, what)
+            self.sent = sum(p.numel() for p in payloads if p is not None)
+        elif self.varlen:
             self.transfer, self.recv = start_all_to_all_varlen(payloads, group, session.timeout_s, what)
             self.sent = sum(p.numel() + SIZE_NBYTES for p in payloads if p is not None)
         else:
@@ -160,6 +211,12 @@ class _ChunkStage:
             self.recv = list(self.rows)
             self.sent = (size - 1) * nbytes
 
+    def _encode(self, chunk: torch.Tensor, dst: int, level: Optional[int]) -> torch.Tensor:
+        channel = self.session.channel(self.stream, self.me, dst)
+        if level is not None:  # the budget's level for this stream
+            channel.codec_state["level"] = level
+        return channel.encode(chunk, self.full)[0]
+
     def received(self) -> list[torch.Tensor]:
         """The received chunks (own chunk exact), decoded through the receivers' channels."""
         self.transfer.wait()
@@ -168,6 +225,8 @@ class _ChunkStage:
         if self.full:
             others = torch.cat([self.rows[:rank], self.rows[rank + 1:]])
             verify_headers(others, session, self.stream, self.group, dtype, chunks[0].numel())
+        if self.budget is not None:
+            self.budget.received([p for j, p in enumerate(self.recv) if j != rank])
         return [chunks[j] if j == rank else
                 session.channel(self.stream, global_rank(self.group, j), self.me).decode(self.recv[j], shape, dtype,
                                                                                          self.full)
@@ -187,8 +246,8 @@ def start_compressed_all_gather(x: torch.Tensor, group: Group, session: Session,
     ranks = group_ranks(group)
     stream = session.stream(key, ranks)  # the key's streams on this group
     full = session.prepare(stream, shape, x.dtype)
-    payload, _ = session.channel(stream, global_rank(group, rank)).encode(x, full)
-    stage = _GatherStage(payload, full, session, stream, group, x.dtype, x.numel(), f"all_gather of {stream!r}")
+    payload, _, ex = _encode_gathered(session, stream, group, x, full)
+    stage = _GatherStage(payload, full, session, stream, group, x.dtype, x.numel(), f"all_gather of {stream!r}", ex)
 
     def finish() -> torch.Tensor:
         gathered = stage.received()
@@ -284,10 +343,9 @@ def start_compressed_all_reduce(x: torch.Tensor, group: Group, session: Session,
             reduced.add_(part)
         reduced = reduced.to(x.dtype)
         full_ag = session.prepare(key_ag, chunk_shape, x.dtype)
-        me = global_rank(group, rank)
-        payload, own = session.channel(key_ag, me).encode(reduced, full_ag)
+        payload, own, ex = _encode_gathered(session, key_ag, group, reduced, full_ag)
         stage_ag = _GatherStage(payload, full_ag, session, key_ag, group, x.dtype, reduced.numel(),
-                                f"all_reduce of {key!r}")
+                                f"all_reduce of {key!r}", ex)
         gathered = stage_ag.received()
         parts = [own if j == rank else
                  session.channel(key_ag, global_rank(group, j)).decode(gathered[j], chunk_shape, x.dtype, full_ag)
@@ -320,11 +378,20 @@ def start_compressed_ring_exchange(x: torch.Tensor, group: Group, session: Sessi
     ranks = group_ranks(group)
     stream = session.stream(key, ranks)  # the key's streams on this group
     full = session.prepare(stream, shape, x.dtype)
-    payload, _ = session.channel(stream, me, nxt).encode(x, full)
+    ex = _budget(session, stream, shape, x.dtype, full, [(me, nxt)], [(prv, me)])
+    channel = session.channel(stream, me, nxt)
+    if ex is not None and not full:
+        channel.codec_state["level"] = ex.send_levels[0]
+    payload, _ = channel.encode(x, full)
     what, sent = f"ring_exchange of {stream!r}", payload.numel()
     varlen = session.compressor.variable_size and not full
     recv: Optional[torch.Tensor] = None
-    if varlen:
+    if ex is not None:
+        ex.sent([payload])
+    if ex is not None and not full:  # the size every rank knows: one exchange
+        recv = payload.new_empty(ex.receive_nbytes(0)[0])
+        transfer = start_exchange_ring(payload, recv, nxt, prv, group, session.timeout_s, what)
+    elif varlen:
         transfer, recv = start_exchange_ring_varlen(payload, nxt, prv, group, session.timeout_s, what)
         sent += SIZE_NBYTES
     else:
@@ -334,6 +401,8 @@ def start_compressed_ring_exchange(x: torch.Tensor, group: Group, session: Sessi
     def finish() -> torch.Tensor:
         if full and not varlen:
             verify_headers(recv.unsqueeze(0), session, stream, group, x.dtype, x.numel())
+        if ex is not None:
+            ex.received([recv])
         # a copy: the caller may change the result in place, the channel's base must not change with it
         out = session.channel(stream, prv, me).decode(recv, shape, x.dtype, full).clone()
         ks = session.stats.record(key, "ring_exchange", plain_bytes("ring_exchange", _nbytes(x), size), sent, full,

@@ -1,0 +1,232 @@
+"""Issue 24: ``auto`` with a byte budget (``target_ratio`` / ``bytes_of``): the allocator, the codec, and
+real gloo runs (bytes within the budget, one exchange per collective, bases equal, host reads)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import compact_hooks as ch
+from compact_hooks.budget import BudgetPlanner, allocate, hull
+from compact_hooks.hook import plain_collective
+from compact_hooks.registry import build_compressor
+from tests.distributed import run_ranks
+
+LEVEL_COSTS = [20, 488, 632, 1176, 2264]  # skip, int1, int2, int4, int8 of a [34, 64] float32 residual
+
+
+# -- the allocator ------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 1e4), min_size=1, max_size=12), st.integers(0, 30000))
+def test_allocation_stays_within_the_budget_and_is_deterministic(norms, budget):
+    costs = [LEVEL_COSTS] * len(norms)
+    errors = [[n * c for c in (20.0, 0.47, 0.2, 0.01, 1e-4)] for n in norms]
+    levels = allocate(costs, errors, budget)
+    spent = sum(c[level] for c, level in zip(costs, levels))
+    assert spent <= max(budget, sum(c[0] for c in costs))
+    assert levels == allocate(costs, errors, budget)
+    # nothing affordable is left undone: no site could move one level up within what is left
+    left = budget - spent
+    assert all(level == 4 or costs[s][level + 1] - costs[s][level] > left or norms[s] == 0
+               for s, level in enumerate(levels))
+
+
+def test_equal_residuals_at_int2_bytes_all_send_int2():
+    costs = [LEVEL_COSTS] * 16
+    errors = [[5.0 * c for c in (20.0, 0.47, 0.2, 0.01, 1e-4)]] * 16
+    assert allocate(costs, errors, 16 * 632) == [2] * 16
+
+
+def test_bytes_go_to_the_largest_residuals_first():
+    costs = [LEVEL_COSTS] * 3
+    errors = [[n * c for c in (20.0, 0.47, 0.2, 0.01, 1e-4)] for n in (1.0, 100.0, 10.0)]
+    levels = allocate(costs, errors, 20 + 20 + 1176)
+    assert levels == [0, 2, 1]  # 1140 bytes: the largest residual first, then the next; the smallest skips
+
+
+def test_hull_drops_levels_no_better_per_byte():
+    # (bytes, error): the middle point lies above the line from the first to the last
+    assert hull([(0, 10.0), (10, 9.0), (20, 0.0)]) == [0, 2]
+    assert hull([(0, 10.0), (10, 2.0), (20, 0.0)]) == [0, 1, 2]
+    assert hull([(0, 10.0), (10, 10.0), (20, 1.0)]) == [0, 2]
+
+
+# -- the codec ----------------------------------------------------------------------------------
+def test_budget_codec_sizes_norms_and_round_trip():
+    codec = build_compressor({"name": "auto", "bytes_of": "int2"})
+    assert codec.budgeted and not codec.variable_size
+    shape = (34, 64)
+    int2 = build_compressor("int2").payload_nbytes(shape, torch.float32)
+    assert codec.site_budget(shape, torch.float32) == int2
+    assert codec.level_nbytes(2, shape, torch.float32) == int2  # the norms ride in the header: no extra bytes
+    assert codec.default_level(shape, torch.float32) == 2
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    errors = []
+    for level in range(5):
+        payload = codec.encode(x, {"level": level})
+        assert payload.numel() == codec.level_nbytes(level, shape, torch.float32)
+        decoded = codec.decode(payload, shape, torch.float32)
+        r, e = codec.payload_stats(payload).view(torch.bfloat16).float().tolist()
+        assert r == pytest.approx(float(x.norm()), rel=1e-2)
+        assert e == pytest.approx(float((x - decoded).norm()), rel=1e-2)
+        errors.append(e)
+    assert errors == sorted(errors, reverse=True) and errors[0] == pytest.approx(float(x.norm()), rel=1e-2)
+
+
+def test_target_ratio_budget():
+    codec = build_compressor({"name": "auto", "target_ratio": 8})
+    shape = (34, 64)
+    assert codec.site_budget(shape, torch.float32) == 34 * 64 * 4 // 8
+    assert codec.level_nbytes(codec.default_level(shape, torch.float32), shape, torch.float32) <= 34 * 64 * 4 // 8
+    assert codec.spec() == {"name": "auto", "target_ratio": 8.0, "ladder": ["int1", "int2", "int4", "int8"],
+                            "group_size": 128}
+
+
+def test_threshold_auto_keeps_its_spec():
+    assert build_compressor("auto").spec() == {"name": "auto", "target_rel_error": 0.02,
+                                               "ladder": ["int1", "int2", "int4", "int8"], "group_size": 128}
+
+
+@pytest.mark.parametrize("spec, words", [
+    ({"name": "auto", "target_ratio": 8, "target_rel_error": 0.1}, "give one of"),
+    ({"name": "auto", "target_ratio": 0.5}, "target_ratio must be"),
+    ({"name": "auto", "target_ratio": True}, "target_ratio must be"),
+    ({"name": "auto", "bytes_of": "auto"}, "fixed-size codec"),
+    ({"name": "auto", "bytes_of": "int2", "target_ratio": 4}, "give one of"),
+])
+def test_bad_budget_specs_are_refused(spec, words):
+    with pytest.raises(ch.ConfigError, match=words):
+        ch.load_config({"compressor": spec})
+
+
+@pytest.mark.parametrize("residual", ["none", "delta"])
+def test_budget_auto_without_error_feedback_is_refused(residual):
+    with pytest.raises(ch.ConfigError, match="needs error feedback"):
+        ch.load_config({"compressor": {"name": "auto", "bytes_of": "int2"}, "residual": residual})
+
+
+@pytest.mark.parametrize("block, where", [
+    ({"compressor": {"name": "auto", "bytes_of": "int2"}}, "compact_hooks.compressor"),
+    ({"rules": [{"match": {"role": "q"}, "compressor": {"name": "auto", "target_ratio": 8}}]},
+     r"compact_hooks.rules\[0\].compressor"),
+])
+def test_budget_auto_with_the_stale_schedule_is_refused(block, where):
+    # the stale schedule decodes a step's payloads in the next step: receivers would allocate without them
+    with pytest.raises(ch.ConfigError, match=where):
+        ch.load_config({**block, "stale": True})
+
+
+def test_planner_allocates_from_the_previous_step():
+    codec = build_compressor({"name": "auto", "bytes_of": "int2"})
+    planner = BudgetPlanner(codec)
+    shape = (34, 64)
+    x = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) * s for i, s in enumerate((0.01, 1, 1, 30))]
+    streams = ["a", "b", "c", "d"]
+    for step in range(3):
+        ex = [planner.exchange(0, step, s, shape, torch.float32, step == 0, [(0, 1)], []) for s in streams]
+        payloads = [codec.encode(xi, {"level": e.send_levels[0]}) for xi, e in zip(x, ex)]
+        for e, p in zip(ex, payloads):
+            e.sent([p])
+    levels = planner.pools[(0, 1)].levels
+    spent = sum(codec.level_nbytes(level, shape, torch.float32) for level in levels.values())
+    assert spent <= 4 * codec.site_budget(shape, torch.float32)
+    assert levels[("d", 0)] > levels[("b", 0)] > levels[("a", 0)], levels
+    assert planner.rolls == 2
+
+
+# -- real ranks ---------------------------------------------------------------------------------
+OPS = {"all_to_all": lambda world: (4 * world, 64), "all_gather": lambda world: (4, 64),
+       "ring_exchange": lambda world: (4, 64), "all_reduce": lambda world: (8 * world, 64)}
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__", "__bool__")
+CPU_ONLY = {"clean", "poison_if", "_clean", "_poison_if"}  # read a flag only for CPU tensors (free there)
+
+
+def count_reads(run) -> list[str]:
+    """Host reads of tensors while ``run()`` runs (a read on a GPU is a device sync)."""
+    reads: list[str] = []
+    saved = [(n, getattr(torch.Tensor, n)) for n in HOST_READS]
+
+    def counted(fn, name):
+        def wrapped(*args, **kwargs):
+            caller = sys._getframe(1).f_code.co_name
+            if caller not in CPU_ONLY:
+                reads.append(f"{name} in {caller}")
+            return fn(*args, **kwargs)
+        return wrapped
+    try:
+        for name, fn in saved:
+            setattr(torch.Tensor, name, counted(fn, name))
+        run()
+    finally:
+        for name, fn in saved:
+            setattr(torch.Tensor, name, fn)
+    return reads
+
+
+def activation(op: str, world: int, rank: int, step: int, scale: float) -> torch.Tensor:
+    shape = OPS[op](world)
+    base = torch.randn(shape, generator=torch.Generator().manual_seed(rank))
+    return base + scale * step * torch.randn(shape, generator=torch.Generator().manual_seed(100 * rank + step))
+
+
+def budget_worker(rank: int, world: int, steps: int, spec: dict) -> dict:
+    import torch.distributed as dist
+
+    calls: list[str] = []
+    for name in ("all_to_all_single", "all_gather_into_tensor", "batch_isend_irecv", "all_gather"):
+        fn = getattr(dist, name)
+        setattr(dist, name, (lambda f, n: lambda *a, **k: (calls.append(n), f(*a, **k))[1])(fn, name))
+    hook = ch.CompactHook({"compressor": spec, "timeout_s": 60, "warmup_compressor": None})
+    reads: dict[str, list[list[str]]] = {op: [] for op in OPS}
+    exchanges: dict[str, list[int]] = {op: [] for op in OPS}
+    errors: dict[str, list[float]] = {op: [] for op in OPS}
+    for step in range(steps):
+        for op in OPS:
+            for site in range(2):  # two call sites per op: residuals of very different sizes
+                x = activation(op, world, rank, step, 0.02 * (1 + 30 * site))
+                call = ch.CollectiveCall(op, x, None, key=f"{op}:{site}")
+                before = len(calls)
+                got: list[torch.Tensor] = []
+                r = count_reads(lambda: got.append(hook(call)))
+                if step >= 2:
+                    reads[op].append(r)
+                    exchanges[op].append(len(calls) - before)
+                want = plain_collective(call)
+                errors[op].append(float((got[0] - want).norm() / want.norm()))
+        hook.next_step()
+    session = hook.sessions()[0]
+    per_step = [row["wire_bytes"] for row in hook.stats()["per_step"]]
+    levels = session.budget.describe() if session.budget is not None else None
+    return {"reads": reads, "exchanges": exchanges, "errors": errors, "per_step": per_step,
+            "digests": session.base_digests(), "levels": levels}
+
+
+def test_budget_auto_on_real_ranks():
+    """4 gloo ranks, every op, two call sites each: one exchange per collective (no length exchange),
+    at most one host read per collective call, each steady step within 5% of int2's bytes and not
+    above them, bases equal on every rank, and the larger residual gets the finer levels."""
+    world, steps = 4, 6
+    results = run_ranks(budget_worker, world, steps, {"name": "auto", "bytes_of": "int2"})
+    fixed = run_ranks(budget_worker, world, steps, "int2")
+    for rank, (res, ref) in enumerate(zip(results, fixed)):
+        for op in OPS:
+            want = 2 if op == "all_reduce" else 1  # all_reduce: its two stages
+            assert all(n == want for n in res["exchanges"][op]), (rank, op, res["exchanges"][op])
+            assert all(len(r) <= 1 for r in res["reads"][op]), (rank, op, res["reads"][op])
+            assert max(res["errors"][op]) < 0.6, (rank, op, res["errors"][op])
+        # reads: one per step at most (the first budgeted call of a step reads the last step's norms)
+        assert sum(len(r) for op in OPS for r in res["reads"][op]) <= steps - 2, res["reads"]
+        for step in range(1, steps):
+            auto, int2 = res["per_step"][step], ref["per_step"][step]
+            assert 0.95 * int2 <= auto <= int2, (rank, step, auto, int2)
+        pools = res["levels"]
+        coarse = [lv for pool in pools.values() for (key, _), lv in pool.items() if key.endswith(":0")]
+        fine = [lv for pool in pools.values() for (key, _), lv in pool.items() if key.endswith(":1")]
+        assert coarse and fine and max(coarse) < min(fine), pools
+    for name in set().union(*(r["digests"] for r in results)):
+        held = {r["digests"][name] for r in results if name in r["digests"]}
+        assert len(held) == 1, name
