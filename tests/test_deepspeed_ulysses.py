@@ -62,7 +62,10 @@ def test_equals_deepspeed_exactly(results: dict[str, Any], hook: str, batch_dim_
 
 
 def test_keys_and_calls(results: dict[str, Any]) -> None:
-    assert results["keys"] == ["attn:q", "attn:k", "attn:v", "attn:o"]
+    """Q, K and V in one all-to-all (2 collectives per forward, not 4); three where their shapes differ
+    (grouped-query attention) or a rule tells the roles apart."""
+    assert results["keys"] == {"fused": ["attn:qkv", "attn:o"], "gqa": ["attn:q", "attn:k", "attn:v", "attn:o"],
+                               "role_rule": ["attn:q", "attn:k", "attn:v", "attn:o"]}
 
 
 def test_indivisible_heads_raise(results: dict[str, Any]) -> None:
@@ -212,31 +215,38 @@ def _check_lossy(group: Any, rank: int, codec: str) -> dict[str, Any]:
     errors, wire, raw, grad_equal = [], [], [], True
     for step in range(STEPS):
         qkv = _drifting(step, shape, rank)
-        before = hook.stats()["per_key"].get("attn:q", {"wire_bytes": 0, "raw_bytes": 0})
+        before = hook.stats()["per_key"].get("attn:qkv", {"wire_bytes": 0, "raw_bytes": 0})
         out, _ = _run(lossy, qkv, 0)
         ref, _ = _run(exact, qkv, 0)
-        after = hook.stats()["per_key"]["attn:q"]
+        after = hook.stats()["per_key"]["attn:qkv"]
         hook.next_step()
         err = (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
         errors.append(err)
         wire.append(after["wire_bytes"] - before["wire_bytes"])
         raw.append(after["raw_bytes"] - before["raw_bytes"])
         grad_equal &= _grads_straight_through(group, qkv, hook)
-    chunk = (1, shape[0], shape[1], shape[2] // size, shape[3])
+    chunk = (1, 3, shape[0], shape[1], shape[2] // size, shape[3])  # Q, K, V stacked
     expected = (size - 1) * ch.build_compressor(codec).payload_nbytes(chunk, torch.float32)
     return {"errors": [round(e, 6) for e in errors], "max_error": max(errors), "wire_per_step": wire,
             "raw_per_step": raw[1], "expected_wire_per_step": expected, "grad_equal_passthrough": grad_equal}
 
 
-def _check_keys(group: Any) -> list[str]:
-    """The call-site keys one forward produces, in call order."""
+def _check_keys(group: Any) -> dict[str, list[str]]:
+    """The call-site keys one forward produces, in call order: same shapes, K/V with fewer heads than
+    Q, and a rule for role k."""
     from compact_hooks.integrations.deepspeed import CompactDistributedAttention
 
     import compact_hooks as ch
 
-    hook = ch.CompactHook({"compressor": "none"})
-    CompactDistributedAttention(_sdpa(0), group, 2, 1, key="attn", hook=hook)(*_qkv((1, 4, 2, 8), 0, False), 0)
-    return list(hook.stats()["per_key"])
+    def keys(cfg: dict[str, Any], q: Any, k: Any, v: Any) -> list[str]:
+        hook = ch.CompactHook(cfg)
+        CompactDistributedAttention(lambda q, k, v: q, group, 2, 1, key="attn", hook=hook)(q, k, v, 0)
+        return list(hook.stats()["per_key"])
+
+    q, k, v = _qkv((1, 4, 4, 8), 0, False)
+    return {"fused": keys({"compressor": "none"}, q, k, v),
+            "gqa": keys({"compressor": "none"}, q, k[:, :, :2], v[:, :, :2]),
+            "role_rule": keys({"compressor": "none", "rules": [{"match": {"role": "k"}, "plain": True}]}, q, k, v)}
 
 
 def worker(out_path: str) -> None:

@@ -98,7 +98,7 @@ def test_int2_pipeline(pipeline2, mode):
         assert r["ratio_compressed"] >= 7.0, r
         assert all(x < 1.01 for x in r["ratio_first"]), r  # first step of each request: full tensors
         assert r["full_sends"] == [2], r  # one full send per key per request (the resolution changed too)
-        names = {"ulysses": "qkvo", "allgather": "kv", "ring": ["k.hop1", "v.hop1"]}[mode]
+        names = {"ulysses": ["qkv", "o"], "allgather": "kv", "ring": ["k.hop1", "v.hop1"]}[mode]  # Q, K, V: one call
         assert {f"transformer_blocks.0.attn:{n}" for n in names} <= set(r["keys"]), r["keys"]
 
 

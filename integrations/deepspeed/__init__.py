@@ -1,7 +1,7 @@
 """DeepSpeed integration: Ulysses sequence parallel and AutoTP tensor parallel through a CommHook.
 
 * :class:`CompactDistributedAttention` is ``deepspeed.sequence.layer.DistributedAttention`` with its
-  four all-to-alls (Q, K, V in; output back) routed through a hook, keys ``"<key>:q|k|v|o"``.
+  all-to-alls routed through a hook: Q, K and V in one (``"<key>:qkv"``), the output back (``"<key>:o"``).
 * :func:`attach_tensor_parallel` routes the all-reduce of every ``LinearAllreduce`` (what AutoTP puts
   after each row-parallel linear) through a hook, on the module's own process group.
 * :func:`shard_tensor_parallel` with :func:`flux_tp_policy` shards a diffusion transformer with

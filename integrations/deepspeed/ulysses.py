@@ -1,8 +1,9 @@
 """Ulysses sequence parallel: DeepSpeed's ``DistributedAttention`` with its all-to-alls through a CommHook.
 
-:class:`CompactDistributedAttention` routes its four all-to-alls (Q, K, V in; output back) through a
-hook, keys ``"<key>:q|k|v|o"``; :func:`split_sequence` / :func:`gather_sequence` cut and join the
-sequence around it.
+:class:`CompactDistributedAttention` routes its all-to-alls through a hook: Q, K and V in one
+(key ``"<key>:qkv"``; three, ``"<key>:q|k|v"``, when their shapes differ or the hook's rules tell the
+roles apart), the output back (``"<key>:o"``); :func:`split_sequence` / :func:`gather_sequence` cut
+and join the sequence around it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 import compact_hooks as ch
 from compact_hooks import collectives as C
+from compact_hooks.hooks.fusion import fusable
 
 from .groups import Group
 
@@ -54,9 +56,13 @@ class A2ALayout:
     gather_dim: int
 
     def pack(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        return self.chunks_first(x, size).contiguous()
+
+    def chunks_first(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        """``pack`` as a view (not contiguous)."""
         d = self.scatter_dim
         split = x.reshape(*x.shape[:d], size, x.shape[d] // size, *x.shape[d + 1:])
-        return split.movedim(d, 0).contiguous()
+        return split.movedim(d, 0)
 
     def unpack(self, y: torch.Tensor) -> torch.Tensor:
         d = self.gather_dim
@@ -100,13 +106,48 @@ def hooked_all_to_all(x: torch.Tensor, hook: ch.CommHook, key: str, group: Group
     return _HookedAllToAll.apply(x, hook, key, group, layout)
 
 
+class _HookedQKV(torch.autograd.Function):
+    """Forward: Q, K and V (same shape) in one all-to-all through the hook, stacked ``[P, 3, ...]``.
+    Backward: each gradient's reverse plain all-to-all (straight-through, as for one tensor)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hook: ch.CommHook, key: str,
+                group: Group, layout: A2ALayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx.group, ctx.layout = group, layout
+        size = C.group_size(group)
+        send = torch.stack([layout.chunks_first(t, size) for t in (q, k, v)], dim=1)
+        received = hook(ch.CollectiveCall("all_to_all", send, group, key=key))
+        out = tuple(layout.unpack(part) for part in received.unbind(1))
+        return out[0], out[1], out[2]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+        back, size = ctx.layout.reverse(), C.group_size(ctx.group)
+        ins = tuple(None if g is None else back.unpack(C.all_to_all(back.pack(g, size), ctx.group)) for g in grads)
+        return (*ins, None, None, None, None)
+
+
+def hooked_qkv_all_to_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hook: ch.CommHook, key: str,
+                          group: Group, layout: A2ALayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q, K and V through ``hook``: one all-to-all at ``key:qkv`` when they have one shape and the
+    hook's rules treat ``key:q|k|v`` alike (:func:`compact_hooks.hooks.fusion.fusable`), else three."""
+    keys = [f"{key}:{tag}" for tag in QKV_TAGS]
+    if q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype and fusable(
+            hook, keys, f"{key}:qkv", "all_to_all", group):
+        return _HookedQKV.apply(q, k, v, hook, f"{key}:qkv", group, layout)
+    out = tuple(hooked_all_to_all(t, hook, name, group, layout) for t, name in zip((q, k, v), keys))
+    return out[0], out[1], out[2]
+
+
 class CompactDistributedAttention(nn.Module):
     """``deepspeed.sequence.layer.DistributedAttention`` whose all-to-alls go through a CommHook.
 
     Same constructor and forward as DeepSpeed's, plus ``key`` (the layer's name, e.g.
-    ``"transformer_blocks.3.attn"``; the four exchanges use ``key:q``, ``key:k``, ``key:v``,
-    ``key:o``) and ``hook`` (default: :class:`compact_hooks.PassthroughHook`, which equals DeepSpeed
-    exactly). The backward pass exchanges gradients with plain all-to-alls.
+    ``"transformer_blocks.3.attn"``; Q, K and V travel in one all-to-all at ``key:qkv`` (three at
+    ``key:q``, ``key:k``, ``key:v`` when their shapes differ, e.g. ``num_kv_heads``, or the hook's rules
+    tell the roles apart), the output at ``key:o``) and ``hook`` (default:
+    :class:`compact_hooks.PassthroughHook`, which equals DeepSpeed exactly). The backward pass
+    exchanges gradients with plain all-to-alls.
 
     Unlike DeepSpeed this checks its inputs: head counts must be divisible by the group size, and on
     the first forward the ranks compare their local sequence lengths (one tiny all-gather), so a
@@ -137,8 +178,7 @@ class CompactDistributedAttention(nn.Module):
         layout_in = ulysses_layout(self.scatter_idx, batch_dim_idx)
         size = C.group_size(self.spg)
         self._check_inputs((query, key, value), layout_in, size)
-        q, k, v = (hooked_all_to_all(t, self.hook, f"{self.key}:{tag}", self.spg, layout_in)
-                   for t, tag in zip((query, key, value), QKV_TAGS))
+        q, k, v = hooked_qkv_all_to_all(query, key, value, self.hook, self.key, self.spg, layout_in)
         if rotary_pos_emb is not None:
             q, k = _apply_rotary(q, k, rotary_pos_emb)
         context = self.local_attn(q, k, v, *args, **kwargs)
