@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import collectives as C
+from .collectives.relay import PerHopRelay, Relay, hop_key
 from .work import CollectiveWork, Outstanding, check_idle
 
 Op = Literal["all_gather", "all_to_all", "all_reduce", "ring_exchange"]
@@ -113,6 +114,15 @@ class CommHook:
             return CollectiveWork.completed(self(call))
         raise NotImplementedError(f"{type(self).__name__} implements neither start(call) nor __call__(call)")
 
+    def start_relay(self, call: CollectiveCall) -> Relay:
+        """Relay ``call.tensor`` (a ``ring_exchange`` call) around ``call.group``'s ring: a
+        :class:`~compact_hooks.collectives.relay.Relay` of ``P - 1`` hop works, hop ``h`` returning the
+        block of group rank ``(r - h) % P``. The default is the per-hop path (a ``ring_exchange`` of
+        each hop's block through :meth:`start`, keys ``<key>.hopN``, started when the hop is waited);
+        hooks with a relay of their own forward each rank's block unchanged, one hop ahead."""
+        return PerHopRelay(call.tensor, call.group, lambda t, hop: self.start(
+            CollectiveCall("ring_exchange", t, call.group, key=hop_key(call.key, hop))))
+
     def outstanding(self) -> Outstanding:
         """The works this hook started and nobody waited on yet (the ordering rule's bookkeeping)."""
         table = self.__dict__.get("_outstanding")
@@ -159,6 +169,11 @@ class WrappingHook(CommHook):
         if getattr(type(self).__call__, "sync_call", False):  # a subclass's own synchronous __call__
             return CollectiveWork.completed(self(call))
         return self.inner.start(call)
+
+    def start_relay(self, call: CollectiveCall) -> Relay:
+        if getattr(type(self).__call__, "sync_call", False):  # a subclass's own synchronous __call__: per hop
+            return super().start_relay(call)
+        return self.inner.start_relay(call)
 
     def outstanding_keys(self) -> list[str]:
         return [*self.outstanding().keys(), *self.inner.outstanding_keys()]

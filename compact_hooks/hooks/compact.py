@@ -7,13 +7,14 @@ from typing import Any, Optional
 import torch
 
 from .. import collectives as C
+from ..collectives.relay import Relay, hop_key, start_compressed_relay, start_plain_relay
 from ..config import CompactConfig, load_config
 from ..hook import CollectiveCall, CommHook
 from ..policy import CallSite, first_match, rules_fingerprint
 from ..residual import Session
 from ..topology import Topology
-from ..work import CollectiveWork
 from ..wire import FLOAT_DTYPES
+from ..work import CollectiveWork
 
 
 class CompactHook(CommHook):
@@ -71,6 +72,34 @@ class CompactHook(CommHook):
         if call.op == "all_reduce":
             return C.start_compressed_all_reduce(x, call.group, session, key)
         return C.start_compressed_ring_exchange(x, call.group, session, key)
+
+    def start_relay(self, call: CollectiveCall) -> Relay:
+        """The relay ring of ``call.tensor`` (see :mod:`compact_hooks.collectives.relay`): encoded once,
+        forwarded unchanged, decoded against each source's base; stats per hop under ``<key>.hopN``.
+        Calls that :meth:`start` sends plain take the plain relay (forwarded, counted as plain)."""
+        x = call.tensor
+        size = C.group_size(call.group)
+        if size == 1:
+            return Relay(call.group, [])
+        ranks = C.group_ranks(call.group)
+        if call.key is not None:
+            self.outstanding().check_free((call.key, ranks), call.key)
+        key = call.key if call.key is not None else self.session.auto_key("ring_exchange", ranks)
+        C.agree_on_settings(self.session, call.group, self._handshake)
+        C.agree_on_tensor(self.session, call.group, key, "ring_exchange", x)
+        link = self.topology.link_class(call.group) if self.topology is not None else None
+        session = self.session_for(key, "ring_exchange", size, link)
+        if (session is None or "ring_exchange" not in self.collectives or not x.is_floating_point()
+                or x.numel() == 0 or x.dtype not in FLOAT_DTYPES or session.is_lossless(x.dtype)
+                or C.plain_is_cheaper(session, "ring_exchange", x, size)):
+            nbytes = x.numel() * x.element_size()
+            relay = start_plain_relay(x, call.group, self.session.timeout_s, lambda hop: self.session.stats.record(
+                hop_key(key, hop), "ring_exchange", nbytes, nbytes, False, ranks, plain=True))
+        else:
+            relay = start_compressed_relay(x, call.group, session, key)
+        if relay.last is not None:
+            self.outstanding().add((key, ranks), relay.last, key)
+        return relay
 
     @property
     def timeout_s(self) -> Optional[float]:  # type: ignore[override]

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from .. import collectives as C
+from ..collectives.relay import Relay
 from ..hook import CollectiveCall, CommHook, WrappingHook
 from ..stats import MAX_STEPS
 from ..topology import LINK_CLASSES, Topology
@@ -178,6 +179,31 @@ class LinkAwareHook(CommHook):
                 table[link].calls += 1
             return out
         return CollectiveWork([Watch(inner)], finish, call.tensor.device)
+
+    def start_relay(self, call: CollectiveCall) -> Relay:
+        """The relay ring of the hook the group's link class routes to; each hop's bytes are charged to
+        that link class when the hop is decoded."""
+        size = C.group_size(call.group)
+        if size == 1:
+            return Relay(call.group, [])
+        self.agree(call.group)
+        link, hook = self.route(call)
+        ledger = self._ledgers[0 if hook is self.compressed else 1]
+        self._charge(ledger.before(link))
+        relay = hook.start_relay(call)
+        raw = C.plain_bytes("ring_exchange", call.tensor.numel() * call.tensor.element_size(), size)
+
+        def charged(hop: int, inner: CollectiveWork) -> CollectiveWork:
+            def finish() -> torch.Tensor:
+                self._charge(ledger.before(link))
+                out = inner.wait()
+                if not ledger.counts:
+                    self._charge((link, raw, raw))
+                for table in (self.links, self._step_links):
+                    table[link].calls += 1
+                return out
+            return CollectiveWork([Watch(inner)], finish, call.tensor.device)
+        return relay.map(charged)
 
     def outstanding_keys(self) -> list[str]:
         return [*self.compressed.outstanding_keys(), *self.plain.outstanding_keys()]

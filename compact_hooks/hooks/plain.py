@@ -7,6 +7,7 @@ from typing import Any, Optional
 import torch
 
 from .. import collectives as C
+from ..collectives.relay import Relay, start_plain_relay
 from ..hook import CollectiveCall, CommHook, start_plain_collective
 from ..stats import Stats
 from ..work import CollectiveWork
@@ -53,6 +54,21 @@ class _CountedHook(CommHook):
         self.outstanding().check_free((key, C.group_ranks(call.group)), key)
         return self._key(call)
 
+    def _relay(self, call: CollectiveCall, wire_dtype: Optional[torch.dtype]) -> Relay:
+        """The plain relay of ``call`` (``wire_dtype`` on the wire), counted per hop; one outstanding
+        relay per key and group."""
+        key = self._begin(CollectiveCall("ring_exchange", call.tensor, call.group, call.key))
+        if key is None:
+            return Relay(call.group, [])
+        x = call.tensor
+        raw = x.numel() * x.element_size()
+        wire = x.numel() * torch.empty((), dtype=wire_dtype or x.dtype).element_size()
+        relay = start_plain_relay(x, call.group, self.timeout_s, lambda hop: self.stats_.record(
+            f"{key}.hop{hop}", "ring_exchange", raw, wire, False, plain=True), wire_dtype)
+        if relay.last is not None:
+            self.outstanding().add((key, C.group_ranks(call.group)), relay.last, key)
+        return relay
+
     def next_step(self) -> None:
         self.check_idle("next_step()")
         self.stats_.end_step(self.request, self.step)
@@ -93,6 +109,10 @@ class PassthroughHook(_CountedHook):
         work = start_plain_collective(call, self.timeout_s)
         return self._track(call, key, work, call.tensor.element_size(), call.tensor.element_size())
 
+    def start_relay(self, call: CollectiveCall) -> Relay:
+        """The uncompressed relay ring, one hop ahead (stats per hop under ``<key>.hopN``)."""
+        return self._relay(call, None)
+
 
 class CastHook(_CountedHook):
     """Casts float tensors to ``dtype`` on the wire (all_reduce sums in ``dtype``)."""
@@ -120,3 +140,9 @@ class CastHook(_CountedHook):
             inner = start_plain_collective(CollectiveCall(call.op, wire, call.group, call.key, call.dim), self.timeout_s)
         work = CollectiveWork([inner], lambda: inner.wait().to(x.dtype), x.device)
         return self._track(call, key, work, x.element_size(), torch.empty((), dtype=self.dtype).element_size())
+
+    def start_relay(self, call: CollectiveCall) -> Relay:
+        """The relay ring with the cast on the wire (cast once, forwarded as cast)."""
+        x = call.tensor
+        cast = x.is_floating_point() and x.dtype != self.dtype
+        return self._relay(call, self.dtype if cast else None)

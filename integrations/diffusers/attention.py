@@ -14,6 +14,7 @@ Tensors are ``[batch, seq, heads, head_dim]`` throughout.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -122,7 +123,8 @@ def sequence_parallel_attention(
     ``q``, ``k``, ``v`` are this rank's ``[B, S_local, H, D]`` shards laid out as ``layout``; the result
     is this rank's ``[B, S_local, H, D]`` output. ``key`` names the call site (``"blocks.3.attn"``);
     the collectives are keyed ``key + ":qkv" | ":o"`` (Ulysses; ``":q" | ":k" | ":v"`` where rules keep the
-    roles apart), ``key + ":k" | ":v"`` (all-gather; ring: ``":k.hop1"``, ...).
+    roles apart), ``key + ":k" | ":v"`` (all-gather; ring: relays ``":k"``, ``":v"``, whose
+    hops are counted as ``":k.hop1"``, ...; see :func:`ring_blocks`).
     """
     if q.shape[1] != layout.local:
         raise RuntimeError(f"{key}: the local sequence has {q.shape[1]} tokens but its layout says {layout.local}")
@@ -219,18 +221,29 @@ def _merge(
     return out * torch.exp(lse - new).unsqueeze(-1) + out_b * torch.exp(lse_b - new).unsqueeze(-1), new
 
 
+def ring_blocks(k: torch.Tensor, v: torch.Tensor, hook: CommHook, group: Optional[dist.ProcessGroup],
+                k_key: str, v_key: str) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(hop, k block, v block)`` for hops ``0 .. P - 1`` of a ring (hop ``h``: the block of group rank
+    ``(r - h) % P``), through the hook's relay ring (``hook.start_relay``): both relays start before
+    the own block is yielded and each hop's ``wait()`` posts the next hop, so the next transfer is in
+    flight while the caller computes on the current block (double buffering). A hook without a relay
+    of its own exchanges each hop when it is needed (keys ``<key>.hopN``)."""
+    k, v = k.contiguous(), v.contiguous()
+    relay_k = hook.start_relay(CollectiveCall("ring_exchange", k, group, key=k_key))
+    relay_v = hook.start_relay(CollectiveCall("ring_exchange", v, group, key=v_key))
+    yield 0, k, v
+    for hop, (work_k, work_v) in enumerate(zip(relay_k, relay_v), start=1):
+        yield hop, work_k.wait(), work_v.wait()
+
+
 def _ring(q, k, v, comm: AttentionComm, key: str, layout: SequenceLayout) -> torch.Tensor:
     P, r = comm.world, comm.rank
     scale = 1.0 / math.sqrt(q.shape[-1])
     acc: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-    k_cur, v_cur = k.contiguous(), v.contiguous()
-    for hop in range(P):
-        if hop:
-            k_cur = comm.hook(CollectiveCall("ring_exchange", k_cur, comm.group, key=f"{key}:k.hop{hop}"))
-            v_cur = comm.hook(CollectiveCall("ring_exchange", v_cur, comm.group, key=f"{key}:v.hop{hop}"))
+    for hop, k_cur, v_cur in ring_blocks(k, v, comm.hook, comm.group, f"{key}:k", f"{key}:v"):
         src = (r - hop) % P
         if layout.rank_valid_count(src) == 0:
-            continue  # every key of this block is padding
+            continue  # every key of this block is padding (its hop is still waited: the relay forwards it)
         acc = _merge(acc, _block_attention(q, k_cur, v_cur, scale, layout.rank_valid(src, q.device)))
     assert acc is not None  # rank 0 always holds real tokens
     return acc[0].transpose(1, 2).to(q.dtype)
