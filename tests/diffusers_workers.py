@@ -112,7 +112,7 @@ def pipeline_worker(rank: int, world: int) -> dict:
     out["class_restored"] = type(pipe).__name__ == out["class_before"] and type(pipe).__bases__[0] is not type(pipe)
     out["exact_vs_single"] = rel_max(exact[64], single)
 
-    int2 = {"compressor": "int2", "residual": "ef", "warmup_steps": 1,
+    int2 = {"compressor": "int2", "residual": "ef", "warmup_steps": 1, "warmup_compressor": None,  # full first step
             "collectives": ["all_to_all", "all_gather", "ring_exchange"]}
     for mode in ("ulysses", "allgather", "ring"):
         hook = ch.build_hook(int2)
