@@ -141,6 +141,8 @@ COMMANDS: dict[str, Entry] = {
         Elsewhere(ROOT_ONLY, E2E),
     ".venv/bin/compact-hooks bench e2e --mode usp --hosts 2 --ranks-per-host 2 --rate 100mbit --rate 10mbit "
     "--model small --steps 6 --out e2e_usp.json": Elsewhere(ROOT_ONLY, E2E.replace("e2e.py", "e2e_usp.py")),
+    ".venv/bin/compact-hooks bench e2e --mode ring --hosts 3 --model small --steps 20 --rate 1gbit --rate 100mbit "
+    "--rate 20mbit --json": Elsewhere(ROOT_ONLY, E2E.replace("e2e.py", "e2e_ring.py")),
     # docs/deepspeed.md
     "DS_ACCELERATOR=cpu .venv/bin/deepspeed --num_gpus 2 examples/deepspeed_ulysses.py "
     "--deepspeed_config examples/configs/ulysses_int2.json":

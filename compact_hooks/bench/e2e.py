@@ -365,6 +365,10 @@ def main(args: argparse.Namespace) -> int:
 
     if args.mode == "usp":
         return e2e_usp.main(args)
+    if args.mode == "ring":
+        from compact_hooks.bench import e2e_ring
+
+        return e2e_ring.main(args)
     try:
         result = run_bench(args.rate or [], args.hosts, args.model, args.steps, args.seed,
                            lowrank_spec(args.lowrank_rank), args.overhead_repeats, args.timeout, not args.quiet,

@@ -32,9 +32,10 @@ TARGETS = {"comm_fraction": 0.9, "speedup": 4.0}
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``bench e2e`` that select and shape the USP bench."""
-    p.add_argument("--mode", choices=["ulysses", "usp"], default="ulysses",
-                   help="ulysses: one rank per host, every method (default); usp: Ulysses inside a host, ring "
-                        "across hosts, compression on every hop vs on the inter-host hops only")
+    p.add_argument("--mode", choices=["ulysses", "ring", "usp"], default="ulysses",
+                   help="ulysses: one rank per host, every method (default); ring: ring attention, the relay ring "
+                        "vs the per-hop path and stale K/V; usp: Ulysses inside a host, ring across hosts, "
+                        "compression on every hop vs on the inter-host hops only")
     p.add_argument("--ranks-per-host", type=int, default=1, help="ranks per emulated host (--mode usp)")
     p.add_argument("--codec", default="int2", help="compressor of the USP methods (name or JSON spec)")
     p.add_argument("--warmup-codec", default="int8", help="first-step compressor of the USP methods ('none': full)")

@@ -35,7 +35,9 @@ from compact_hooks.bench.e2e import (
     lowrank_spec,
 )
 from compact_hooks.collectives import group_size
+from compact_hooks.collectives.relay import Relay
 from compact_hooks.hook import CollectiveCall, CommHook, WrappingHook, plain_collective
+from compact_hooks.work import CollectiveWork, Watch
 
 Group = Optional[dist.ProcessGroup]
 
@@ -88,18 +90,38 @@ class Timer:
 
 
 class MeteredHook(WrappingHook):
-    """Wraps a hook: time spent in it, calls, and the uncompressed bytes of what it was asked to move."""
+    """Wraps a hook: time spent in it (in ``start`` and blocked in ``wait``), calls, and the uncompressed
+    bytes of what it was asked to move. Asynchronous like the hook it wraps (relays included)."""
 
     def __init__(self, inner: CommHook, world: int) -> None:
         super().__init__(inner)
         self.world = world
-        self.timer = Timer()
+        self.timer = Timer()  # seconds in start and wait together; calls = started calls and relays
+        self.wait_s = 0.0  # of which blocked in wait() (exposed communication and decode)
         self.raw_bytes = 0
-        self.call = self.timer.wrap(inner.__call__)
 
-    def __call__(self, call: CollectiveCall) -> torch.Tensor:
+    def __call__(self, call: CollectiveCall, async_op: bool = False) -> Any:
+        work = self.start(call)
+        return work if async_op else work.wait()
+
+    def _timed_wait(self, work: CollectiveWork) -> CollectiveWork:
+        def finish() -> torch.Tensor:
+            t0 = time.perf_counter()
+            try:
+                return work.wait()
+            finally:
+                spent = time.perf_counter() - t0
+                self.timer.seconds += spent
+                self.wait_s += spent
+        return CollectiveWork([Watch(work)], finish, work.devices[0] if work.devices else None)
+
+    def start(self, call: CollectiveCall) -> CollectiveWork:
         self.raw_bytes += ring_bytes(call, self.world)
-        return self.call(call)
+        return self._timed_wait(self.timer.wrap(self.inner.start)(call))
+
+    def start_relay(self, call: CollectiveCall) -> Relay:
+        self.raw_bytes += (group_size(call.group) - 1) * ring_bytes(call, self.world)
+        return self.timer.wrap(self.inner.start_relay)(call).map(lambda hop, work: self._timed_wait(work))
 
 
 def compact_of(hook: CommHook) -> Optional[ch.CompactHook]:
@@ -230,7 +252,7 @@ def measure(bench: Bench, name: str, hook: CommHook, mode: str, steps: Optional[
         "name": name, "mode": mode, "hook": type(hook).__name__, "latency_s": run.latency_s,
         "step_end_s": run.step_end_s, "wire_bytes": per_rank["wire"], "raw_bytes": per_rank["raw"],
         "wire_bytes_first_step": _finite(per_rank["first"]), "wire_bytes_later_step": _finite(per_rank["later"]),
-        "hook_calls": metered.timer.calls, "hook_s": metered.timer.seconds,
+        "hook_calls": metered.timer.calls, "hook_s": metered.timer.seconds, "wait_s": metered.wait_s,
         "encode_s": codec.encode.seconds if codec else 0.0, "decode_s": codec.decode.seconds if codec else 0.0,
         "encode_calls": codec.encode.calls if codec else 0, "decode_calls": codec.decode.calls if codec else 0,
     }
