@@ -177,8 +177,11 @@ def budget_worker(rank: int, world: int, steps: int, spec: dict) -> dict:
     import torch.distributed as dist
 
     calls: list[str] = []
-    for name in ("all_to_all_single", "all_gather_into_tensor", "batch_isend_irecv", "all_gather"):
-        fn = getattr(dist, name)
+    for name in ("all_to_all_single", "all_gather_into_tensor", "all_gather_single", "batch_isend_irecv",
+                 "all_gather"):
+        fn = getattr(dist, name, None)
+        if fn is None:
+            continue
         setattr(dist, name, (lambda f, n: lambda *a, **k: (calls.append(n), f(*a, **k))[1])(fn, name))
     hook = ch.CompactHook({"compressor": spec, "timeout_s": 60, "warmup_compressor": None})
     reads: dict[str, list[list[str]]] = {op: [] for op in OPS}
