@@ -41,14 +41,15 @@ class Echo(CommHook):
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    """A 2-rank job of the trained model recording block 0's four keys and one single block's q, 5 steps."""
+    """A 2-rank job of the trained model recording block 0's two keys (Q, K and V in one all-to-all at
+    :qkv, then :o) and one single block's :qkv, 5 steps; the first step int8-coded (the default)."""
     pytest.importorskip("diffusers")
     root = tmp_path_factory.mktemp("trace")
     config = root / "config.json"
     config.write_text(json.dumps({
         "compact_hooks": {"enabled": True, "hook": "compact", "compressor": INT2, "residual": "ef",
                           "warmup_steps": 1, "collectives": ["all_to_all", "all_gather", "ring_exchange"]},
-        "trace": {"keys": ["transformer_blocks.0.attn:*", "single_transformer_blocks.1.attn:q"]}}))
+        "trace": {"keys": ["transformer_blocks.0.attn:*", "single_transformer_blocks.1.attn:qkv"]}}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "compact_hooks.integrations.diffusers.job", "--config", str(config), "--steps", "5",
@@ -62,32 +63,36 @@ def recorded(tmp_path_factory):
 def test_recorded_manifest_and_shards(recorded):
     m = load_manifest(recorded / "trace")
     assert m["model"] == "embedded-flux-digits" and m["world_size"] == 2 and m["steps"] == 5
-    assert sorted(m["keys"]) == ["single_transformer_blocks.1.attn:q", "transformer_blocks.0.attn:k",
-                                 "transformer_blocks.0.attn:o", "transformer_blocks.0.attn:q",
-                                 "transformer_blocks.0.attn:v"]
+    assert sorted(m["keys"]) == ["single_transformer_blocks.1.attn:qkv", "transformer_blocks.0.attn:o",
+                                 "transformer_blocks.0.attn:qkv"]
     assert all(k["op"] == "all_to_all" and k["dtype"] == "float32" and k["steps"] == 5 for k in m["keys"].values())
     assert [len(r["shards"]) for r in m["ranks"]] == [5, 5]
     streams = list(read_streams(recorded / "trace"))
-    assert len(streams) == 10 and all([s for s, _ in ts] == [0, 1, 2, 3, 4] for _, _, ts in streams)
+    assert len(streams) == 6 and all([s for s, _ in ts] == [0, 1, 2, 3, 4] for _, _, ts in streams)
     for _, key, ts in streams:
         assert list(ts[0][1].shape) == m["keys"][key]["shape"]
 
 
 def test_replay_sends_the_bytes_the_hook_sent(recorded):
-    """Replaying int2/ef on block 0 gives exactly the raw and wire bytes the job's hook counted there."""
+    """Replaying int2/ef on block 0 gives exactly the raw and wire bytes the job's hook counted there
+    (its first step coded by the recorded run's warm-up codec, int8)."""
     stats = json.loads((recorded / "out" / "stats.json").read_text())
     r = bench_trace.replay(str(recorded / "trace"), [INT2], ["ef"], ["transformer_blocks.0.attn:*"])["results"][0]
     layer = next(e for e in stats["per_layer"] if e["layer"] == "transformer_blocks.0.attn")
     assert (r["raw_bytes"], r["wire_bytes"]) == (layer["raw_bytes"], layer["wire_bytes"])
+    exact = bench_trace.replay(str(recorded / "trace"), [INT2], ["ef"], ["transformer_blocks.0.attn:*"],
+                               warmup_compressor=None)["results"][0]
+    assert exact["raw_bytes"] == r["raw_bytes"] and exact["wire_bytes"] > r["wire_bytes"]  # an fp32 first step
     assert r["error"]["final"] is not None and 0 < r["error"]["final"] < 0.5
 
 
 def test_replay_cli_json_reports_every_codec_and_mode(recorded, capsys):
     from compact_hooks.cli import main
 
-    assert main(["bench", "trace", str(recorded / "trace"), "--json", "--keys", "*attn:q"]) == 0
+    assert main(["bench", "trace", str(recorded / "trace"), "--json", "--keys", "*attn:qkv"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["keys"] == ["single_transformer_blocks.1.attn:q", "transformer_blocks.0.attn:q"]
+    assert out["keys"] == ["single_transformer_blocks.1.attn:qkv", "transformer_blocks.0.attn:qkv"]
+    assert out["warmup_compressor"] == "int8"  # the recorded run's config
     got = {(r["codec"], r["mode"]) for r in out["results"]}
     assert {("int2", "ef"), ("int2", "delta"), ("int1", "ef"), ("lowrank", "ef"), ("bf16", "delta")} <= got
     for r in out["results"]:
@@ -96,7 +101,7 @@ def test_replay_cli_json_reports_every_codec_and_mode(recorded, capsys):
         e = r["error"]
         assert e["mean"] <= e["max"] and e["final"] <= e["max"] and len(e["per_step"]) >= 4
     by = {(r["codec"], r["mode"]): r for r in out["results"]}
-    assert by[("int2", "ef")]["ratio"] > 2.5  # 1 full + 4 compressed steps of 2-bit codes
+    assert by[("int2", "ef")]["ratio"] > 2.5  # 1 int8 + 4 compressed steps of 2-bit codes
     assert by[("int8", "ef")]["error"]["max"] < by[("int2", "ef")]["error"]["max"]
 
 

@@ -135,5 +135,7 @@ def add_trace(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--modes", default=",".join(TRACE_MODES), help="residual modes, comma-separated (default: ef,delta)")
     p.add_argument("--keys", default="*", help="globs of recorded keys to replay, comma-separated (default: *)")
     p.add_argument("--warmup", type=int, default=1, help="full sends at the start of each request (default 1)")
+    p.add_argument("--warmup-compressor", default="recorded",
+                   help="codec (name or JSON spec) of the full sends; 'none': exact; default: the recorded run's")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=Handler("compact_hooks.bench.trace:main_trace"))

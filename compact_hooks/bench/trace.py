@@ -5,11 +5,13 @@ chosen call sites as the hook saw it. Here every stream of it goes through a sen
 :class:`~compact_hooks.residual.Channel` per codec and residual mode, as the compact hook would send
 it: an ``all_to_all`` tensor is cut into ``world_size`` chunks along dim 0 and the chunks for the other
 ranks are streams; any other op's tensor is one stream. The first ``warmup`` steps of a request are
-full sends; a codec whose payload is not smaller than the tensor sends it plain (as the hook does).
+full sends, coded by the warm-up codec the recorded run used (its config in the manifest; ``int8``, the
+config default, when the manifest has none; ``--warmup-compressor none``: exact); a codec whose payload
+is not smaller than the tensor sends it plain (as the hook does).
 
 Reported per key and overall: raw and wire bytes, ratio, and the receiver's relative L2 error per
-step (mean, final and max over the compressed steps; full sends are exact) with error feedback (``ef``)
-and without (``delta``).
+step (mean, final and max over the compressed steps; full sends are not counted) with error feedback
+(``ef``) and without (``delta``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..config import CompactConfig
 from ..registry import available_compressors, build_compressor
 from ..residual import Channel
 from .options import TRACE_MODES, spec_arg
@@ -48,11 +51,22 @@ def _rel(y: torch.Tensor, x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(y.float() - x.float()) / torch.linalg.vector_norm(x.float()).clamp_min(1e-30))
 
 
-def replay_stream(codec: Any, mode: str, tensors: Sequence[tuple[int, torch.Tensor]], warmup: int = 1) -> dict[str, Any]:
+def recorded_warmup(manifest: dict[str, Any]) -> Any:
+    """The warm-up codec spec of the recorded run (its config in the manifest), else the config default."""
+    config = manifest.get("config")
+    if isinstance(config, dict) and "warmup_compressor" in config:
+        return config["warmup_compressor"]
+    return CompactConfig.model_fields["warmup_compressor"].default
+
+
+def replay_stream(codec: Any, mode: str, tensors: Sequence[tuple[int, torch.Tensor]], warmup: int = 1,
+                  warmup_compressor: Any = None) -> dict[str, Any]:
     """One stream through a sender and a receiver Channel: ``{raw_bytes, wire_bytes, errors}``, the
-    receiver's relative error per step (``None`` for full sends, which are exact)."""
+    receiver's relative error per step (``None`` for full sends). Full sends are coded by
+    ``warmup_compressor`` (``None``: exact, the tensor's own bytes), as the hook codes them."""
     compressor = build_compressor(codec)
-    sender, receiver = Channel(compressor, mode, None), Channel(compressor, mode, None)
+    warm = build_compressor(warmup_compressor) if warmup_compressor is not None else None
+    sender, receiver = Channel(compressor, mode, None, warm), Channel(compressor, mode, None, warm)
     raw = wire = 0
     errors: list[Optional[float]] = []
     shape: Optional[tuple[int, ...]] = None
@@ -92,9 +106,14 @@ def _summary(errors_by_step: list[list[Optional[float]]]) -> dict[str, Any]:
 
 
 def replay(trace: str, codecs: Optional[Sequence[Any]] = None, modes: Sequence[str] = MODES,
-           keys: Sequence[str] = ("*",), warmup: int = 1) -> dict[str, Any]:
-    """Replay a trace directory; see the module docstring for what is reported."""
+           keys: Sequence[str] = ("*",), warmup: int = 1, warmup_compressor: Any = "recorded") -> dict[str, Any]:
+    """Replay a trace directory; see the module docstring for what is reported. ``warmup_compressor``:
+    a codec spec for the full sends, ``None`` for exact ones, ``"recorded"``: the recorded run's."""
     manifest = load_manifest(trace)
+    if warmup_compressor == "recorded":
+        warmup_compressor = recorded_warmup(manifest)
+    if warmup_compressor is not None:
+        build_compressor(warmup_compressor)  # an unknown name fails here, listing the registered ones
     world = int(manifest.get("world_size", 1))
     ops = {k: v.get("op", "all_gather") for k, v in manifest["keys"].items()}
     streams: dict[str, list[list[tuple[int, torch.Tensor]]]] = {}
@@ -109,7 +128,7 @@ def replay(trace: str, codecs: Optional[Sequence[Any]] = None, modes: Sequence[s
             per_key, total_raw, total_wire = {}, 0, 0
             overall: list[list[Optional[float]]] = []
             for key, key_streams in streams.items():
-                runs = [replay_stream(codec, mode, s, warmup) for s in key_streams]
+                runs = [replay_stream(codec, mode, s, warmup, warmup_compressor) for s in key_streams]
                 raw = sum(r["raw_bytes"] for r in runs)
                 wire = sum(r["wire_bytes"] for r in runs)
                 n = max(len(r["errors"]) for r in runs)
@@ -125,12 +144,15 @@ def replay(trace: str, codecs: Optional[Sequence[Any]] = None, modes: Sequence[s
                             "ratio": total_raw / total_wire if total_wire else None, "error": _summary(overall),
                             "per_key": per_key})
     return {"trace": str(trace), "model": manifest.get("model"), "world_size": world,
-            "steps": manifest.get("steps"), "keys": sorted(streams), "warmup_steps": warmup, "results": results}
+            "steps": manifest.get("steps"), "keys": sorted(streams), "warmup_steps": warmup,
+            "warmup_compressor": warmup_compressor, "results": results}
 
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"trace {result['trace']}: model {result['model']}, {result['world_size']} ranks, "
           f"{result['steps']} steps, {len(result['keys'])} keys")
+    warm = result.get("warmup_compressor")
+    print(f"full sends (first {result['warmup_steps']} step(s)): {'exact' if warm is None else codec_label(warm)}")
     print(f"{'codec':<32} {'mode':<6} {'ratio':>7} {'err mean':>9} {'err final':>9} {'err max':>9}")
     for r in result["results"]:
         e = r["error"]
@@ -144,7 +166,9 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main_trace(args: argparse.Namespace) -> int:
     codecs = [spec_arg(c) for c in args.codecs] if args.codecs else None
-    result = replay(args.trace, codecs, args.modes.split(","), args.keys.split(","), args.warmup)
+    warm = getattr(args, "warmup_compressor", "recorded")
+    warm = None if warm in ("none", "null") else warm if warm == "recorded" else spec_arg(warm)
+    result = replay(args.trace, codecs, args.modes.split(","), args.keys.split(","), args.warmup, warm)
     if args.json:
         json.dump(result, sys.stdout, indent=1)
         print()
