@@ -49,6 +49,7 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("compact int1", {"compressor": "int1", "residual": "ef"}),
     ("compact int2", {"compressor": "int2", "residual": "ef"}),  # the default first step: int8
     ("compact int2 full first step", {"compressor": "int2", "residual": "ef", "warmup_compressor": None}),
+    ("compact int2 base int8", {"compressor": "int2", "residual": "ef", "base_dtype": "int8"}),  # 8-bit bases
     ("compact auto", {"compressor": {"name": "auto", "target_rel_error": 0.06}, "residual": "ef"}),
     # auto with a byte budget: each fixed codec's own bytes, allocated per step across call sites (issue 24)
     ("auto at int1 bytes", {"compressor": {"name": "auto", "bytes_of": "int1"}, "residual": "ef"}),
