@@ -12,7 +12,7 @@ compared with a single-process forward of a twin model (same weights, no communi
 uncompressed reference, untouched by any network fault).
 
 ``--stop-where``: rank ``R`` stops itself (SIGSTOP) in request ``Q``, step 1, either inside the
-hook right before the compressed all_to_all of the first block's K (``collective``), or before
+hook right before the compressed all_to_all of the first block's Q, K and V (``collective``), or before
 the step's transformer forward (``step``); it logs ``stopping`` first. Someone else must SIGCONT it.
 
 Each rank appends JSON lines to ``DIR/rank<r>.jsonl``, one ``write`` per line, so a reader sees
@@ -51,7 +51,7 @@ import torch.distributed as dist
 import compact_hooks as ch
 
 PG_TIMEOUT_S = 600.0
-STOP_KEY = "transformer_blocks.0.attn:k"  # the first block's K: a compressed all_to_all
+STOP_KEY = "transformer_blocks.0.attn:qkv"  # the first block's Q, K and V: one compressed all_to_all
 
 
 class Log:
@@ -73,11 +73,21 @@ class StopAt(ch.WrappingHook):
         super().__init__(inner)
         self.log, self.target, self.key = log, (request, step), key
         self.request, self.step = -1, 0
+        self.stopped, self.keys = False, set()  # keys seen in the target step: why a stop never came
 
     def __call__(self, call: ch.CollectiveCall) -> torch.Tensor:
-        if (self.request, self.step) == self.target and call.key == self.key:
-            stop_self(self.log, self.request, "collective")
+        if (self.request, self.step) == self.target:
+            self.keys.add(call.key)
+            if call.key == self.key:
+                self.stopped = True
+                stop_self(self.log, self.request, "collective")
         return self.inner(call)
+
+    def check_stopped(self) -> None:
+        """Raises if the target step passed without a call at ``key`` (the integration renamed it)."""
+        if not self.stopped and self.request >= self.target[0]:
+            raise RuntimeError(f"no call at {self.key!r} in request {self.target[0]} step {self.target[1]}: "
+                               f"nothing stopped this rank; keys called there: {sorted(self.keys)}")
 
     def begin_request(self) -> None:
         self.request, self.step = self.request + 1, 0
@@ -156,6 +166,8 @@ def main(argv: list[str]) -> int:
                     if stopper and args.stop_where == "step" and (request, step) == (args.stop_at_request, 1):
                         stop_self(log, request, "step")
                     outs.append(handle.model(**kw)[0])
+            if isinstance(hook, StopAt):
+                hook.check_stopped()
             seconds = time.monotonic() - started
             digest = hashlib.sha256(b"".join(o.contiguous().numpy().tobytes() for o in outs)).hexdigest()
             err = max(rel_l2(o, r) for o, r in zip(outs, refs))

@@ -160,7 +160,9 @@ def run_case(case: dict[str, Any], group: Any, rank: int, size: int) -> dict[str
 
     dtype = getattr(torch, case["dtype"])
     ops, steps, warmup = case["ops"], case["steps"], case["warmup_steps"]
-    config = {"compressor": case["compressor"], "residual": case["residual"], "warmup_steps": warmup}
+    # full sends are the tensor's own bytes (checked exact below), not the default int8 warm-up codec
+    config = {"compressor": case["compressor"], "residual": case["residual"], "warmup_steps": warmup,
+              "warmup_compressor": None}
     hook = ch.CompactHook(config)
     compressor = ch.build_compressor(case["compressor"])
     lossless = compressor.is_lossless(dtype)
