@@ -13,7 +13,7 @@ from compact_hooks.launcher import netns
 from compact_hooks.bench import e2e as bench_e2e
 
 METHODS = {"single", "compute_only", "ulysses", "allgather", "stale", "compact_int2", "compact_int2_warm8", "compact_int1",
-           "compact_lowrank", "compact_auto", "naive_fp8"}
+           "compact_lowrank", "compact_auto", "compact_auto_at_int2", "naive_fp8"}
 
 
 def test_parse_rate_understands_tc_units() -> None:
@@ -71,13 +71,16 @@ def test_bench_e2e_tiny_across_two_hosts(tmp_path: Any) -> None:
     uncompressed = methods["ulysses"]["wire_bytes_per_step"]
     assert uncompressed > 0 and methods["allgather"]["wire_bytes_per_step"] > 0
     assert result["steps"] == 2
-    for name in ("compact_int2", "compact_int2_warm8", "compact_int1", "compact_lowrank", "compact_auto"):
+    for name in ("compact_int2", "compact_int2_warm8", "compact_int1", "compact_lowrank", "compact_auto",
+                 "compact_auto_at_int2"):
         m = methods[name]
         assert 0 < m["wire_bytes_per_step"] < uncompressed, m
         assert m["psnr_db"] is not None and math.isfinite(m["psnr_db"]), m
         assert m["ideal_s"] > 0 and m["x_ideal"] > 0
     # the int8 first step sends less than the full one
     assert methods["compact_int2_warm8"]["wire_bytes_first_step"] < methods["compact_int2"]["wire_bytes_first_step"]
+    # auto at int2's bytes: a steady step sends no more than int2's (the budget is met, never exceeded)
+    assert 0 < methods["compact_auto_at_int2"]["wire_bytes_later_step"] <= methods["compact_int2"]["wire_bytes_later_step"]
     assert methods["stale"]["rel_l2"] > 0  # stale K/V really are stale after the warm-up step
     assert methods["single"]["rel_l2"] < 1e-4  # the parallel model computes what one process does
     ladder = result["quality_ladder"]["entries"]
