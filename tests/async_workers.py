@@ -146,6 +146,10 @@ def parity_worker(rank: int, world: int) -> dict[str, Any]:
                 problems.append(f"{name}: stats differ {byte_totals(sync_hook)} vs {byte_totals(async_hook)}")
         if isinstance(sync_hook, Meter) and (sync_hook.calls, async_hook.calls) != (STEPS * 2 * 7, STEPS * 2 * 7):
             problems.append(f"{name}: a synchronous __call__ override was bypassed: {sync_hook.calls} {async_hook.calls}")
+        # drain before the hooks are dropped: StaleHook's last exchange is still in flight, and a gloo
+        # send/recv work freed in flight (its ring exchange) left the next hook's first collective hung
+        sync_hook.reset()
+        async_hook.reset()
     return {"problems": problems, "compared": compared}
 
 
@@ -203,16 +207,19 @@ def ordering_worker(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
-def overlap_worker(rank: int, world: int, delay_s: float) -> list[dict[str, Any]]:
+def overlap_worker(rank: int, world: int, delay_s: float, signal_dir: str) -> list[dict[str, Any]]:
     """Rank 1 sleeps ``delay_s`` before starting its side of each exchange; rank 0 records when its
     start() returned, whether the work was completed then, and when it first saw it completed while
-    polling (the transfer finishing in the background, before any wait())."""
+    polling (the transfer finishing in the background, before any wait()). Rank 1 creates a file in
+    ``signal_dir`` when its ``wait()`` returned; rank 0 keeps computing until it sees that file (or a
+    deadline), so "the peer finished before this rank's wait()" is an order of events, not a race."""
     records = []
-    for name, cfg, op in [("compact", {"compressor": "int2", "timeout_s": 60}, "all_to_all"),
+    for i, (name, cfg, op) in enumerate([("compact", {"compressor": "int2", "timeout_s": 60}, "all_to_all"),
                           ("compact", {"compressor": "int2", "timeout_s": 60}, "ring_exchange"),
                           ("compact", {"compressor": "int2", "timeout_s": 60}, "all_gather"),
                           ("compact", {"compressor": "int2", "timeout_s": 60}, "all_reduce"),
-                          ("passthrough", {"hook": "passthrough", "timeout_s": 60}, "all_to_all")]:
+                          ("passthrough", {"hook": "passthrough", "timeout_s": 60}, "all_to_all")]):
+        done_file = os.path.join(signal_dir, f"peer_done.{i}")
         hook, reference = ch.build_hook(cfg), ch.build_hook(cfg)
         for step in range(2):  # the full send and its header check, then a steady exchange: both synchronous
             hook(CollectiveCall(op, inputs(rank, world, step, op), None, key="x"))
@@ -225,18 +232,23 @@ def overlap_worker(rank: int, world: int, delay_s: float) -> list[dict[str, Any]
             rec["peer_started"] = time.time()
             got = hook.start(call).wait()
             rec["peer_done"] = time.time()
+            open(done_file, "w").close()
         else:
             work = hook.start(call)
             rec["start_returned"] = time.time()
             rec["completed_after_start"] = work.is_completed()
-            # the caller's compute: until the transfer is seen completed (collectives) or long after
-            # the peer's side ran (gloo's point-to-point works report completion only in wait())
+            # the caller's compute: until the peer's wait() returned (its file) and the transfer is seen
+            # completed (gloo's point-to-point works report completion only in wait()), or a deadline
             deadline = time.monotonic() + delay_s + 3.0
-            while not work.is_completed() and time.monotonic() < deadline:
+            while time.monotonic() < deadline:
+                if "seen_completed" not in rec and work.is_completed():
+                    rec["seen_completed"] = time.time()
+                if op == "all_reduce" and "seen_completed" in rec:
+                    break  # its second stage starts in wait(): the peer cannot finish before it
+                if os.path.exists(done_file) and ("seen_completed" in rec or op == "ring_exchange"):
+                    break
                 time.sleep(0.005)
             rec["completed_before_wait"] = work.is_completed()
-            if rec["completed_before_wait"]:
-                rec["seen_completed"] = time.time()
             rec["wait_called"] = time.time()
             got = work.wait()
         rec["equal"] = same_bits(got, reference(call))

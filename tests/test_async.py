@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -148,9 +147,9 @@ def test_one_outstanding_call_per_key_and_none_at_step_marks(ordering):
         assert "next_step() with outstanding async calls on 'k', 'r'" in at_step
 
 
-def test_transfer_runs_while_the_caller_computes():
+def test_transfer_runs_while_the_caller_computes(tmp_path):
     delay = 1.5
-    records = run_ranks(W.overlap_worker, 2, delay)
+    records = run_ranks(W.overlap_worker, 2, delay, str(tmp_path))
     for mine, peer in zip(records[0], records[1]):
         where = f"{mine['hook']} {mine['op']}"
         assert mine["equal"] and peer["equal"], where
