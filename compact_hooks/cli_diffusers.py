@@ -27,17 +27,22 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "run", help="sequence-parallel diffusers inference with compressed collectives",
         description=module_doc(JOB), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="a packaged config by name (compact-hooks configs lists them, e.g. ulysses-int2) or a JSON file with a \"compact_hooks\" block")
+    p.add_argument("--config", required=True, help="a packaged config by name (compact-hooks configs lists them, "
+                        "e.g. ulysses-int2) or a JSON file with a \"compact_hooks\" block")
     p.add_argument("--model", help="trained (default: the embedded digits model), random (random-weight FLUX, "
                                     "for timing), a local diffusers pipeline directory or a FluxTransformer2DModel "
                                     "directory (config.json + weights)")
     p.add_argument("--prompt-embeds", help="torch/safetensors file of pipeline kwargs "
                                             "(prompt_embeds, pooled_prompt_embeds, ...)")
     p.add_argument("--prompt", help="text prompt (a --model with text encoders)")
-    p.add_argument("--steps", type=int, help="denoising steps (trained and random: 20; a transformer directory: 20; a pipeline: its default)")
-    p.add_argument("--height", type=int, help="image height in pixels (trained: 16; random: 128; a transformer directory: 256; a pipeline: its default)")
-    p.add_argument("--width", type=int, help="image width in pixels (trained: 16; random: 128; a transformer directory: 256; a pipeline: its default)")
-    p.add_argument("--guidance-scale", type=float, help="guidance scale (trained: not used; random: 3.5; a pipeline: its default)")
+    p.add_argument("--steps", type=int, help="denoising steps (trained, random and a transformer directory: 20; "
+                                                 "a pipeline: its default)")
+    p.add_argument("--height", type=int, help="image height in pixels (trained: 16; random: 128; a transformer "
+                                                  "directory: 256; a pipeline: its default)")
+    p.add_argument("--width", type=int, help="image width in pixels (trained: 16; random: 128; a transformer "
+                                                 "directory: 256; a pipeline: its default)")
+    p.add_argument("--guidance-scale", type=float, help="guidance scale (trained: not used; random: 3.5; "
+                                                            "a pipeline: its default)")
     p.add_argument("--out", default="out", help="output directory (rank 0 writes it)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
     p.add_argument("--mode", choices=("ulysses", "allgather", "ring", "usp", "native"), default="ulysses",

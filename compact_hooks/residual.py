@@ -34,10 +34,13 @@ from typing import Any, Optional, Union
 import torch
 
 from . import bases
-from .bases import QUANT_KINDS, HostBase, OffloadWindow, QuantBase, saturate_ as _saturate_
+from .bases import QUANT_KINDS, HostBase, OffloadWindow, QuantBase
+from .bases import saturate_ as _saturate_
 from .compressors.base import Compressor
-from .finite import clean as _clean, fit as _fit, poison_if as _poison_if
 from .config import CompactConfig, load_config
+from .finite import clean as _clean
+from .finite import fit as _fit
+from .finite import poison_if as _poison_if
 from .kernels import channel_decode, channel_encode, check_setting, fused_base, use_fused
 from .registry import build_compressor
 from .stats import Stats

@@ -212,3 +212,30 @@ def check_idle(keys: Sequence[str], what: str) -> None:
         raise OutstandingWorkError(
             f"{what} with outstanding async calls on {', '.join(repr(k) for k in keys)}: wait() every work a hook "
             "started before marking the step or request (every rank in the same order)")
+
+
+def wait_on_use(work: CollectiveWork, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """An ``AsyncCollectiveTensor`` of ``shape`` (``like``'s dtype and device) that waits on ``work`` at
+    its first non-view use, as torch's functional collectives' results do: a c10d ``Work`` registered
+    for the buffer decodes ``work`` into it when funcol's ``wait_tensor`` finds it. For integrations that
+    route functional collectives (diffusers' native context parallel, xfuser, torch's ring attention).
+    Relies on torch's private ``_register_work`` and a ``dist.Work`` subclass (torch 2.13)."""
+    import torch.distributed as dist
+    from torch._C._distributed_c10d import _register_work
+    from torch.distributed import _functional_collectives as funcol
+
+    class _DecodeOnWait(dist.Work):
+        def __init__(self, out: torch.Tensor, pending: CollectiveWork) -> None:
+            super().__init__()
+            self.out, self.pending = out, pending
+
+        def wait(self, timeout: Any = None) -> bool:
+            if self.pending is not None:
+                pending, self.pending = self.pending, None
+                self.out.copy_(pending.wait())
+            return True
+
+    out = like.new_empty(tuple(shape))
+    _register_work(out, _DecodeOnWait(out, work))
+    return funcol.AsyncCollectiveTensor(out)
+

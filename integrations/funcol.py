@@ -40,10 +40,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
-from torch._C._distributed_c10d import _register_work
 
 from compact_hooks.hook import CollectiveCall, CommHook
-from compact_hooks.work import CollectiveWork
+from compact_hooks.work import CollectiveWork, wait_on_use
 
 __all__ = ["FuncolHandle", "FuncolRouter", "RING_ATTENTION_MODULE", "route_functional_collectives"]
 
@@ -61,28 +60,11 @@ COMPRESSIBLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 AttentionSelector = Union[Callable[[str, nn.Module], bool], tuple[type, ...], type]
 
 
-class _PendingWork(dist.Work):
-    """A c10d Work over a compact-hooks work: ``wait()`` decodes it into the buffer an
-    ``AsyncCollectiveTensor`` wraps (funcol's ``wait_tensor`` finds it by the buffer's storage)."""
-
-    def __init__(self, out: torch.Tensor, work: CollectiveWork) -> None:
-        super().__init__()
-        self.out, self.work = out, work
-
-    def wait(self, timeout: Any = None) -> bool:
-        if self.work is not None:
-            work, self.work = self.work, None
-            self.out.copy_(work.wait())
-        return True
-
-
 def lazy_tensor(work: CollectiveWork, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """An ``AsyncCollectiveTensor`` of ``shape`` that waits on ``work`` at its first non-view use."""
     if work.is_completed():
         return funcol.AsyncCollectiveTensor(work.wait())
-    out = like.new_empty(tuple(shape))
-    _register_work(out, _PendingWork(out, work))
-    return funcol.AsyncCollectiveTensor(out)
+    return wait_on_use(work, shape, like)
 
 
 def _process_group(group: Any) -> Optional[dist.ProcessGroup]:

@@ -11,9 +11,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from compact_hooks.integrations.diffusers.tiny import _seeded, tiny_flux
+from torch import nn
 
 
 def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
@@ -150,10 +149,11 @@ def native_table_worker(rank: int, world: int, layouts: list[dict[str, Any]], fa
     """For each layout (ContextParallelConfig kwargs, plus ``text``: Flux/Flux2 text tokens) and family:
     diffusers' native result, then the same with every collective through PassthroughHook, ``none``,
     int8 and int2; errors against the native one and one process."""
-    import compact_hooks as ch
     from compact_hooks.integrations.diffusers import compress_native_context_parallel
     from compact_hooks.integrations.diffusers.native_cpu import cpu_context_parallel
     from diffusers import ContextParallelConfig
+
+    import compact_hooks as ch
 
     torch.set_num_threads(1)
     out: dict[str, Any] = {}
@@ -199,12 +199,13 @@ def native_table_worker(rank: int, world: int, layouts: list[dict[str, Any]], fa
 def native_probe_worker(rank: int, world: int) -> dict[str, Any]:
     """A collective the router does not know (an all_reduce through attention_dispatch.dist inside an
     attention) is counted as unrouted; remove() puts back every name it replaced."""
-    import compact_hooks as ch
     from compact_hooks.integrations.diffusers import compress_native_context_parallel
     from compact_hooks.integrations.diffusers.native_cpu import cpu_context_parallel
     from diffusers import ContextParallelConfig
     from diffusers.hooks import context_parallel
     from diffusers.models import _modeling_parallel, attention_dispatch
+
+    import compact_hooks as ch
 
     names = [(attention_dispatch, "_all_to_all_single"), (attention_dispatch, "funcol"), (attention_dispatch, "dist"),
              (context_parallel, "funcol"), (context_parallel, "dist"), (_modeling_parallel, "dist")]

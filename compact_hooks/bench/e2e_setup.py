@@ -19,7 +19,8 @@ DEFAULT_STEPS = 3
 PROJECT_STEPS = 28  # FLUX.1-dev's default step count, for the projection from measured step times
 # method -> its "compact_hooks" block ("lowrank" and "auto" stand for the bench's --lowrank / --auto-target specs)
 COMPACT_METHODS: dict[str, dict[str, Any]] = {
-    "compact_int2": {"compressor": "int2", "warmup_compressor": None},  # a full first step, as measured before int8 became the default
+    # a full first step, as measured before int8 became the default first step
+    "compact_int2": {"compressor": "int2", "warmup_compressor": None},
     "compact_int2_warm8": {"compressor": "int2", "warmup_compressor": "int8"},
     "compact_int1": {"compressor": "int1"},
     "compact_lowrank": {"compressor": "lowrank"},

@@ -34,9 +34,8 @@ from ..budget import Exchange
 from ..residual import Session
 from ..stats import KeyStats
 from ..work import CollectiveWork
-from .plain import all_gather, all_reduce, all_to_all, check_rows, global_rank, group_rank, group_size, plain_bytes
+from .plain import all_gather, all_reduce, all_to_all, check_rows, global_rank, group_rank, group_size, plain_bytes, start_plain
 from .plain import ring_exchange as plain_ring_exchange
-from .plain import start_plain
 from .protocol import maybe_verify, verify_headers
 from .transport import (
     SIZE_NBYTES,

@@ -142,7 +142,6 @@ def start_ring_exchange(tensor: torch.Tensor, group: Group, timeout_s: Optional[
     size = group_size(group)
     if size == 1:
         return CollectiveWork.completed(tensor)
-    rank = group_rank(group)
     send = tensor.contiguous()
     out = torch.empty_like(send, memory_format=torch.contiguous_format)
     wire = start_transfer(lambda: dist.batch_isend_irecv(ring_ops(send, out, group)), group, timeout_s,

@@ -34,12 +34,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
-from torch._C._distributed_c10d import _register_work
 
 from compact_hooks.collectives import all_gather as plain_all_gather
 from compact_hooks.hook import CollectiveCall, CommHook
-from compact_hooks.work import CollectiveWork
+from compact_hooks.work import CollectiveWork, wait_on_use
 
 A2A_ROLES = ("q", "k", "v", "o", "lse")
 DIST_COLLECTIVES = frozenset({
@@ -51,21 +49,6 @@ FUNCOL_COLLECTIVES = frozenset({
     "all_gather_into_tensor_coalesced", "all_gather_single_coalesced", "all_to_all_single",
     "all_to_all_single_autograd", "all_reduce", "all_reduce_coalesced", "reduce_scatter_tensor",
     "reduce_scatter_tensor_coalesced", "permute_tensor", "broadcast"})
-
-
-class _PendingWork(dist.Work):
-    """A c10d Work over a compact-hooks work: ``wait()`` decodes it into the buffer an
-    ``AsyncCollectiveTensor`` wraps, so diffusers' first non-view use of the gathered K/V waits on it."""
-
-    def __init__(self, out: torch.Tensor, work: CollectiveWork) -> None:
-        super().__init__()
-        self.out, self.work = out, work
-
-    def wait(self, timeout: Any = None) -> bool:
-        if self.work is not None:
-            work, self.work = self.work, None
-            self.out.copy_(work.wait())
-        return True
 
 
 class Router:
@@ -152,9 +135,7 @@ class Router:
             return work.wait()
         shape = list(x.shape)
         shape[dim] *= dist.get_world_size(group)
-        out = x.new_empty(shape)
-        _register_work(out, _PendingWork(out, work))
-        return funcol.AsyncCollectiveTensor(out)
+        return wait_on_use(work, shape, x)
 
     def all_gather_list(self, tensors: list[torch.Tensor], tensor: torch.Tensor, group: Any = None,
                         async_op: bool = False) -> Any:
