@@ -12,17 +12,15 @@ scaled, never saturated). As a plain cast baseline it runs with residual ``none`
 
 from __future__ import annotations
 
-import math
 import struct
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..registry import register_compressor
 from ..wire import from_bytes
 from .base import Compressor, numel_of
-from .quantize import BF16_MAX, FP16_MAX, aligned, compute_view, matrix_dims, signed_extreme
+from .quantize import BF16_MAX, FP16_MAX, aligned, compute_view, group_extremes, group_layout, per_group, rounded_scales
 
 FORMATS: dict[str, torch.dtype] = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
@@ -72,11 +70,6 @@ class Fp8Compressor(Compressor):
     def params(self) -> dict[str, Any]:
         return {"group_size": self.group_size, "format": self.format}
 
-    def _layout(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-        tokens, channels = matrix_dims(shape)
-        g = channels if self.group_size is None else min(self.group_size, channels)
-        return tokens, channels, g, math.ceil(channels / g)
-
     def _scale_limit(self, dtype: torch.dtype) -> float:
         """Largest scale whose products with the format's values stay finite in ``dtype``."""
         return bf16_floor((FP16_MAX if dtype == torch.float16 else BF16_MAX) / self.fmax)
@@ -85,28 +78,18 @@ class Fp8Compressor(Compressor):
         n = numel_of(shape)
         if n == 0:
             return 0
-        tokens, _, _, groups = self._layout(shape)
+        tokens, _, _, groups = group_layout(shape, self.group_size)
         return 2 * tokens * groups + n
 
     def encode_body(self, x: torch.Tensor, state: dict[str, Any] | None) -> list[torch.Tensor]:
         if x.numel() == 0:
             return []
-        tokens, channels, g, groups = self._layout(tuple(x.shape))
+        tokens, channels, g, groups = group_layout(tuple(x.shape), self.group_size)
         x2, own = compute_view(x.contiguous().view(tokens, channels))
-        if channels % g == 0:
-            amax = signed_extreme(x2.view(tokens * groups, g)).abs()
-        else:
-            amax = signed_extreme(F.pad(x2, (0, groups * g - channels)).view(tokens, groups, g)).abs()
-        s = torch.nan_to_num(amax.float().div_(self.fmax), nan=0.0).clamp_(0.0, self._scale_limit(x.dtype))
-        s16 = s.to(torch.bfloat16)
-        s32 = s16.float()
-        inv = torch.where(s32 != 0, s32.reciprocal(), torch.zeros_like(s32))  # +inf for subnormal scales
-        if channels % g == 0:
-            inv2 = inv.view(tokens * groups, 1)
-            xv = x2.view(tokens * groups, g)
-        else:
-            inv2 = inv.view(tokens, groups).repeat_interleave(g, dim=1)[:, :channels]
-            xv = x2
+        amax = group_extremes(x2, g, groups).abs()
+        # inverse +inf for subnormal scales
+        s16, inv = rounded_scales(amax.float().div_(self.fmax), 0.0, self._scale_limit(x.dtype), torch.bfloat16)
+        xv, inv2 = per_group(x2, inv, g, groups)
         t = xv.mul_(inv2) if own else torch.mul(xv, inv2)
         # 0 * inf and NaN inputs -> 0; values past the rounded scale's range (or +-Inf) saturate
         t.nan_to_num_(nan=0.0, posinf=self.fmax, neginf=-self.fmax).clamp_(-self.fmax, self.fmax)
@@ -127,12 +110,8 @@ class Fp8Compressor(Compressor):
         if n == 0:
             return torch.empty(shape, dtype=dtype, device=body.device)
         body = aligned(body, 2)
-        tokens, channels, g, groups = self._layout(shape)
+        tokens, channels, g, groups = group_layout(shape, self.group_size)
         ns = tokens * groups
         s32 = from_bytes(body, torch.bfloat16, ns).float()
-        values = self._values(body[2 * ns:2 * ns + n])
-        if channels % g == 0:
-            values = values.view(ns, g).mul_(s32.unsqueeze(1))
-        else:
-            values = values.view(tokens, channels).mul_(s32.view(tokens, groups).repeat_interleave(g, dim=1)[:, :channels])
-        return values.view(shape).to(dtype)
+        values, scales = per_group(self._values(body[2 * ns:2 * ns + n]).view(tokens, channels), s32, g, groups)
+        return values.mul_(scales).view(shape).to(dtype)

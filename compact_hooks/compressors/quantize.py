@@ -123,15 +123,49 @@ def compute_view(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return x, False
 
 
+def rounded_scales(s: torch.Tensor, low: float, high: float,
+                   wire: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale in the wire dtype, inverse_fp32)`` from float32 scales ``s`` (overwritten): NaN
+    becomes 0, the rest is clamped to ``[low, high]``; the inverse is that of the rounded scale the
+    decoder reads (0 for a zero scale)."""
+    s16 = torch.nan_to_num(s, nan=0.0).clamp_(low, high).to(wire)
+    s32 = s16.float()
+    inv = torch.where(s32 != 0, s32.reciprocal(), torch.zeros_like(s32))
+    return s16, inv
+
+
 def grid_scales(extreme: torch.Tensor, grid: Grid, dtype: torch.dtype,
                 wire: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale in the wire dtype, inverse_fp32)`` from per-group signed extremes (any float dtype)."""
     limit = grid.scale_limit(dtype, wire)
-    s = torch.nan_to_num(extreme.float().div_(-grid.off), nan=0.0).clamp_(-limit, limit)
-    s16 = s.to(wire)
-    s32 = s16.float()
-    inv = torch.where(s32 != 0, s32.reciprocal(), torch.zeros_like(s32))
-    return s16, inv
+    return rounded_scales(extreme.float().div_(-grid.off), -limit, limit, wire)
+
+
+def group_layout(shape: tuple[int, ...], group_size: int | None) -> tuple[int, int, int, int]:
+    """``(T, C, g, groups)`` of the ``[T, C]`` view of ``shape`` cut into groups of ``g =
+    min(group_size, C)`` channels (``C`` for ``group_size`` None): ``ceil(C / g)`` groups per row,
+    the last one partial when ``g`` does not divide ``C`` (groups never span two rows)."""
+    tokens, channels = matrix_dims(shape)
+    g = channels if group_size is None else min(group_size, channels)
+    return tokens, channels, g, math.ceil(channels / g)
+
+
+def group_extremes(x2: torch.Tensor, g: int, groups: int) -> torch.Tensor:
+    """The signed extreme (:func:`signed_extreme`) of every group of ``g`` channels of the matrix
+    ``x2`` ``[T, C]`` (a partial last group zero-padded): ``[T * groups]``, or ``[T, groups]``."""
+    tokens, channels = x2.shape
+    if channels % g == 0:
+        return signed_extreme(x2.view(tokens * groups, g))
+    return signed_extreme(F.pad(x2, (0, groups * g - channels)).view(tokens, groups, g))
+
+
+def per_group(x2: torch.Tensor, s: torch.Tensor, g: int, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(view of x2, s broadcast against it)``: the values of the matrix ``x2`` ``[T, C]`` paired
+    with their group's entry of ``s`` (``T * groups`` entries, row-major), for an elementwise op."""
+    tokens, channels = x2.shape
+    if channels % g == 0:
+        return x2.view(tokens * groups, g), s.view(tokens * groups, 1)
+    return x2, s.view(tokens, groups).repeat_interleave(g, dim=1)[:, :channels]
 
 
 def grid_codes(x: torch.Tensor, inv: torch.Tensor, grid: Grid, inplace: bool = False) -> torch.Tensor:
@@ -199,31 +233,20 @@ class _GroupQuantizer(Compressor):
     def params(self) -> dict[str, Any]:
         return {"group_size": self.group_size}
 
-    def _layout(self, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-        tokens, channels = matrix_dims(shape)
-        g = min(self.group_size, channels)
-        return tokens, channels, g, math.ceil(channels / g)
-
     def body_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         n = numel_of(shape)
         if n == 0:
             return 0
-        tokens, _, _, groups = self._layout(shape)
+        tokens, _, _, groups = group_layout(shape, self.group_size)
         return 2 * tokens * groups + packed_nbytes(n, self.grid.bits)
 
     def encode_body(self, x: torch.Tensor, state: dict[str, Any] | None) -> list[torch.Tensor]:
         if x.numel() == 0:
             return []
-        tokens, channels, g, groups = self._layout(tuple(x.shape))
+        tokens, channels, g, groups = group_layout(tuple(x.shape), self.group_size)
         x2, own = compute_view(x.contiguous().view(tokens, channels))
-        if channels % g == 0:
-            xv = x2.view(tokens * groups, g)
-            s16, inv = grid_scales(signed_extreme(xv), self.grid, x.dtype, scale_dtype(x.dtype))
-            codes = grid_codes(xv, inv.unsqueeze(1), self.grid, inplace=own)
-        else:
-            padded = F.pad(x2, (0, groups * g - channels)).view(tokens, groups, g)
-            s16, inv = grid_scales(signed_extreme(padded), self.grid, x.dtype, scale_dtype(x.dtype))
-            codes = grid_codes(x2, inv.repeat_interleave(g, dim=1)[:, :channels], self.grid, inplace=own)
+        s16, inv = grid_scales(group_extremes(x2, g, groups), self.grid, x.dtype, scale_dtype(x.dtype))
+        codes = grid_codes(*per_group(x2, inv, g, groups), self.grid, inplace=own)
         return [s16.reshape(-1), pack_bits(codes, self.grid.bits)]
 
     def decode_body(self, body: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -231,15 +254,12 @@ class _GroupQuantizer(Compressor):
         if n == 0:
             return torch.empty(shape, dtype=dtype, device=body.device)
         body = aligned(body, 2)
-        tokens, channels, g, groups = self._layout(shape)
+        tokens, channels, g, groups = group_layout(shape, self.group_size)
         ns = tokens * groups
         s32 = from_bytes(body, scale_dtype(dtype), ns).float()
-        levels = grid_levels(body[2 * ns:], self.grid, n, self.device_cache)
-        if channels % g == 0:
-            values = levels.view(ns, g).mul_(s32.unsqueeze(1))
-        else:
-            values = levels.view(tokens, channels).mul_(s32.view(tokens, groups).repeat_interleave(g, dim=1)[:, :channels])
-        return values.view(shape).to(dtype)
+        levels, scales = per_group(grid_levels(body[2 * ns:], self.grid, n, self.device_cache).view(tokens, channels),
+                                   s32, g, groups)
+        return levels.mul_(scales).view(shape).to(dtype)
 
 
 @register_compressor("int8")
