@@ -37,9 +37,8 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from compact_hooks.bench import e2e_usp
 from compact_hooks.launcher.netns import parse_rate
 
 from .e2e_format import format_ladder, format_overhead, format_rate, format_result, format_targets, plot_ladder
@@ -62,21 +61,20 @@ from .e2e_setup import (
 __all__ = ["COMPACT_METHODS", "DEFAULT_AUTO_TARGET", "DEFAULT_STEPS", "LADDER_CODECS", "LADDER_MODES", "METHOD_ORDER",
            "MODELS", "PIPELINE_NOTE", "PROGRESS", "PROJECT_STEPS", "TARGETS", "add_parser", "assess", "derive_rate",
            "format_ladder", "format_overhead", "format_rate", "format_result", "format_targets", "lowrank_spec",
-           "main", "model_info", "plot_ladder", "run_bench", "run_rate"]
+           "main", "model_info", "plot_ladder", "report", "run_bench", "run_rate"]
 
 # ---- one rate: an mpirun across emulated hosts --------------------------------------------------
 
 
-def _worker_argv(hosts: Any, n: int, args: list[str]) -> list[str]:
+def _worker_argv(hosts: Any, n: int, per_host: int, module: str, args: list[str]) -> list[str]:
     from compact_hooks.launcher import netns
 
-    return [netns.mpirun_path(), *hosts.mpirun_args(), "--bind-to", "none", "-np", str(n),
-            "--hostfile", str(hosts.hostfile_for(n)), "-x", f"GLOO_SOCKET_IFNAME={hosts.ifname}",
-            "-x", "OMP_NUM_THREADS=1", "-x", "MKL_NUM_THREADS=1",
-            sys.executable, "-u", "-m", "compact_hooks.bench.e2e_worker", *args]
+    return [netns.mpirun_path(), *hosts.mpirun_args(), "--bind-to", "none", *hosts.mpirun_ranks(n, per_host),
+            "-x", f"GLOO_SOCKET_IFNAME={hosts.ifname}", "-x", "OMP_NUM_THREADS=1", "-x", "MKL_NUM_THREADS=1",
+            sys.executable, "-u", "-m", module, *args]
 
 
-def _pump(proc: subprocess.Popen, timeout: float, echo: bool) -> str:
+def _pump(proc: subprocess.Popen, timeout: float, echo: bool, job: str = "the bench job") -> str:
     """Read the job's output until it exits; echo progress lines; return the last lines. Kills the job
     (and raises) after ``timeout`` seconds."""
     from compact_hooks.launcher import netns
@@ -91,7 +89,7 @@ def _pump(proc: subprocess.Popen, timeout: float, echo: bool) -> str:
             if left <= 0:
                 netns.kill_group(proc)
                 proc.wait(timeout=30)
-                raise TimeoutError(f"the bench job did not finish within {timeout:.0f} s (raise --timeout); "
+                raise TimeoutError(f"{job} did not finish within {timeout:.0f} s (raise --timeout); "
                                    f"last output:\n" + "\n".join(tail))
             if not sel.select(timeout=min(left, 5.0)):
                 continue
@@ -110,26 +108,26 @@ def _pump(proc: subprocess.Popen, timeout: float, echo: bool) -> str:
 
 
 def run_rate(rate: str, n_hosts: int, worker_args: list[str], timeout: float, echo: bool,
-             burst: Optional[int] = None) -> dict[str, Any]:
+             burst: Optional[int] = None, per_host: int = 1, module: str = "compact_hooks.bench.e2e_worker",
+             what: str = "bench") -> dict[str, Any]:
     """Create ``n_hosts`` emulated hosts capped at ``rate`` (tbf bucket of ``burst`` bytes, default
-    ``netns.auto_burst``), run the worker on them, return its JSON."""
-    from compact_hooks.launcher.netns import emulated_hosts
+    ``netns.auto_burst``), run the rank program ``module`` on them (``per_host`` ranks each), return
+    its JSON. The one launcher of ``bench e2e``'s modes (ulysses, ``--mode usp``, ``--mode ring``)."""
+    from compact_hooks.launcher.netns import emulated_hosts, kill_group
 
+    job = f"the {what} job at {rate}"
     with emulated_hosts(n_hosts, rate=rate, burst=burst) as hosts:
         result_path = hosts.workdir / "result.json"
-        argv = _worker_argv(hosts, n_hosts, [*worker_args, "--rate", rate, "--result", str(result_path)])
+        argv = _worker_argv(hosts, n_hosts, per_host, module, [*worker_args, "--rate", rate, "--result", str(result_path)])
         proc = hosts.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(hosts.workdir))
         try:
-            log = _pump(proc, timeout, echo)
+            log = _pump(proc, timeout, echo, job)
         finally:
             if proc.poll() is None:
-                from compact_hooks.launcher.netns import kill_group
-
                 kill_group(proc)
                 proc.wait(timeout=30)
         if proc.returncode != 0 or not result_path.exists():
-            raise RuntimeError(f"the bench job at {rate} failed (mpirun exit code {proc.returncode}); "
-                               f"last output:\n{log}")
+            raise RuntimeError(f"{job} failed (mpirun exit code {proc.returncode}); last output:\n{log}")
         result = json.loads(result_path.read_text())
         result["tbf_burst_bytes"] = hosts.burst
         return result
@@ -355,24 +353,20 @@ def add_parser(kinds: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the JSON result to this file")
     p.add_argument("--plot", help="write the quality ladder's error-per-step plot (PNG)")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    from compact_hooks.bench import e2e_usp  # imported here: it imports this module
+
     e2e_usp.add_arguments(p)  # --mode usp --ranks-per-host N (compact_hooks.bench.e2e_usp)
     p.set_defaults(handler=main)
     return p
 
 
-def main(args: argparse.Namespace) -> int:
+def report(args: argparse.Namespace, run: Callable[[], dict[str, Any]], fmt: Callable[[dict[str, Any]], str],
+           also: Optional[Callable[[dict[str, Any]], None]] = None) -> int:
+    """Run a ``bench e2e`` mode and print its result (``--out``, ``--json``); the exit code (2: setup)."""
     from compact_hooks.launcher.netns import NetnsUnavailable
 
-    if args.mode == "usp":
-        return e2e_usp.main(args)
-    if args.mode == "ring":
-        from compact_hooks.bench import e2e_ring
-
-        return e2e_ring.main(args)
     try:
-        result = run_bench(args.rate or [], args.hosts, args.model, args.steps, args.seed,
-                           lowrank_spec(args.lowrank_rank), args.overhead_repeats, args.timeout, not args.quiet,
-                           args.burst, args.ladder_steps, args.auto_target)
+        result = run()
     except (NetnsUnavailable, ValueError, FileNotFoundError) as exc:  # setup: what to change
         print(f"compact-hooks bench e2e: error: {exc}", file=sys.stderr)
         return 2
@@ -382,7 +376,27 @@ def main(args: argparse.Namespace) -> int:
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    if args.plot and result.get("quality_ladder"):
-        plot_ladder(result["quality_ladder"], args.plot)
-    print(text if args.json else format_result(result))
+    if also is not None:
+        also(result)
+    print(text if args.json else fmt(result))
     return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.mode == "usp":
+        from compact_hooks.bench import e2e_usp
+
+        return e2e_usp.main(args)
+    if args.mode == "ring":
+        from compact_hooks.bench import e2e_ring
+
+        return e2e_ring.main(args)
+
+    def plot(result: dict[str, Any]) -> None:
+        if args.plot and result.get("quality_ladder"):
+            plot_ladder(result["quality_ladder"], args.plot)
+
+    return report(args, lambda: run_bench(args.rate or [], args.hosts, args.model, args.steps, args.seed,
+                                          lowrank_spec(args.lowrank_rank), args.overhead_repeats, args.timeout,
+                                          not args.quiet, args.burst, args.ladder_steps, args.auto_target),
+                  format_result, plot)

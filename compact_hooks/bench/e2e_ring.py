@@ -22,61 +22,19 @@ rate-independent, copied to the other rates).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 from compact_hooks.launcher.netns import parse_rate
 
-from .e2e_setup import MODELS, PROGRESS, model_info
+from .e2e import _div, _steady, report, run_rate
+from .e2e_format import _f
+from .e2e_setup import PROGRESS, model_info
 
 ROWS = ("compute_only", "ring", "compact_int2_sync", "compact_int2", "stale", "stale_int2")
 COMPRESSED = ("compact_int2_sync", "compact_int2", "stale_int2")
 ERRORS = ("first_hop_rel_error", "last_hop_rel_error")
 TARGETS = {"never_slower": 1.05, "overlap_speedup": 1.2, "stale_vs_compute": 1.5, "hop_error_growth": 1.1}
-
-
-def _div(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return a / b if a is not None and b else None
-
-
-def _steady(step_end_s: list[float]) -> Optional[float]:
-    steps = [b - a for a, b in zip([0.0, *step_end_s], step_end_s)][1:]
-    return statistics.median(steps) if steps else None
-
-
-def run_rate(rate: str, hosts: int, worker_args: list[str], timeout: float, echo: bool,
-             burst: Optional[int]) -> dict[str, Any]:
-    """One rate: ``hosts`` emulated hosts capped at ``rate``, the ring worker on them; its JSON."""
-    import subprocess
-
-    from compact_hooks.launcher import netns
-
-    with netns.emulated_hosts(hosts, rate=rate, burst=burst) as h:
-        result_path = h.workdir / "result.json"
-        argv = [netns.mpirun_path(), *h.mpirun_args(), "--bind-to", "none", "-np", str(hosts),
-                "--hostfile", str(h.hostfile_for(hosts)), "-x", f"GLOO_SOCKET_IFNAME={h.ifname}",
-                "-x", "OMP_NUM_THREADS=1", "-x", "MKL_NUM_THREADS=1", sys.executable, "-u", "-m",
-                "compact_hooks.bench.e2e_ring_worker", *worker_args, "--rate", rate, "--result", str(result_path)]
-        try:
-            done = h.run(argv, timeout=timeout, stderr=subprocess.STDOUT, cwd=str(h.workdir))
-        except subprocess.TimeoutExpired as exc:
-            raise TimeoutError(f"the ring bench job at {rate} did not finish within {timeout:.0f} s (raise "
-                               f"--timeout); last output:\n{str(exc.stdout or '')[-4000:]}") from None
-        log = done.stdout or ""
-        if echo:
-            for line in log.splitlines():
-                if line.startswith(PROGRESS):
-                    print(line, file=sys.stderr, flush=True)
-        if done.returncode != 0 or not result_path.exists():
-            raise RuntimeError(f"the ring bench job at {rate} failed (mpirun exit code {done.returncode}); "
-                               f"last output:\n{log[-4000:]}")
-        result = json.loads(result_path.read_text())
-        result["tbf_burst_bytes"] = h.burst
-        return result
 
 
 def derive_rate(raw: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -170,7 +128,9 @@ def run_ring_bench(rates: list[str], hosts: int = 3, model: str = "small", steps
     derived = []
     for i, rate in enumerate(rates):
         extra = ["--probe"] if rate == fastest and fastest not in rates[:i] else []
-        derived.append(derive_rate(run_rate(rate, hosts, [*base, *extra], timeout, echo, burst), steps))
+        raw = run_rate(rate, hosts, [*base, *extra], timeout, echo, burst, 1, "compact_hooks.bench.e2e_ring_worker",
+                       "ring bench")
+        derived.append(derive_rate(raw, steps))
     share_errors(derived)
     return {"bench": "e2e", "mode": "ring", "model": model_info(model), "hosts": hosts, "steps": steps, "seed": seed,
             "threads_per_rank": 1,
@@ -181,10 +141,6 @@ def run_ring_bench(rates: list[str], hosts: int = 3, model: str = "small", steps
             "hop_errors": f"relative error of the relayed K/V block at hop 1 and hop {hosts - 1} against the exact "
                           f"source block, averaged over layers, steps and ranks (measured at {fastest})",
             "rates": derived, "targets": assess(derived), "wall_s": time.monotonic() - start}
-
-
-def _f(value: Optional[float], spec: str, scale: float = 1.0) -> str:
-    return "-" if value is None else format(value * scale, spec)
 
 
 def format_result(result: dict[str, Any]) -> str:
@@ -216,25 +172,8 @@ def format_result(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """``bench e2e --mode ring`` (called by :func:`compact_hooks.bench.e2e.main`)."""
-    from compact_hooks.launcher.netns import NetnsUnavailable
-
-    if args.model not in MODELS:
-        print(f"compact-hooks bench e2e: error: unknown model {args.model!r}", file=sys.stderr)
-        return 2
-    try:
-        result = run_ring_bench(args.rate or [], args.hosts, args.model, args.steps, args.seed, args.timeout,
-                                not args.quiet, args.burst)
-    except (NetnsUnavailable, ValueError, FileNotFoundError) as exc:
-        print(f"compact-hooks bench e2e: error: {exc}", file=sys.stderr)
-        return 2
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"compact-hooks bench e2e: error: {exc}", file=sys.stderr)
-        return 1
-    text = json.dumps(result, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text if args.json else format_result(result))
-    return 0
+    return report(args, lambda: run_ring_bench(args.rate or [], args.hosts, args.model, args.steps, args.seed,
+                                               args.timeout, not args.quiet, args.burst), format_result)
 
 
 __all__ = ["PROGRESS", "ROWS", "TARGETS", "assess", "derive_rate", "format_result", "main", "run_ring_bench"]

@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
-import subprocess
-import sys
 import time
 from typing import Any, Optional
 
 from compact_hooks.launcher.netns import parse_rate
 
-PROGRESS = "[bench e2e] "
+from .e2e import _div, _steady, report, run_rate
+from .e2e_format import _f
 
 METHODS = ("compute_only", "usp", "usp_compress_all", "usp_inter_host")
 TARGETS = {"comm_fraction": 0.9, "speedup": 4.0}
@@ -41,50 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-codec", default="int8", help="first-step compressor of the USP methods ('none': full)")
 
 
-def _div(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return a / b if a is not None and b else None
-
-
-def _f(value: Optional[float], spec: str, scale: float = 1.0) -> str:
-    return "-" if value is None or not math.isfinite(value) else format(value * scale, spec)
-
-
-def _steady(step_end_s: list[float]) -> Optional[float]:
-    """Median time of the steps after the first (the warm-up step)."""
-    steps = [b - a for a, b in zip([0.0, *step_end_s], step_end_s)][1:]
-    return statistics.median(steps) if steps else None
-
-
 def _spec(text: str) -> Any:
     return json.loads(text) if text.strip().startswith("{") else text
-
-
-def run_rate(rate: str, hosts: int, per_host: int, worker_args: list[str], timeout: float, echo: bool,
-             burst: Optional[int]) -> dict[str, Any]:
-    from compact_hooks.launcher import netns
-
-    with netns.emulated_hosts(hosts, rate=rate, burst=burst) as h:
-        result_path = h.workdir / "result.json"
-        argv = [netns.mpirun_path(), *h.mpirun_args(), "--bind-to", "none", *h.mpirun_ranks(hosts, per_host),
-                "-x", f"GLOO_SOCKET_IFNAME={h.ifname}", "-x", "OMP_NUM_THREADS=1", "-x", "MKL_NUM_THREADS=1",
-                sys.executable, "-u", "-m", "compact_hooks.bench.e2e_usp_worker", *worker_args,
-                "--rate", rate, "--result", str(result_path)]
-        try:
-            done = h.run(argv, timeout=timeout, stderr=subprocess.STDOUT, cwd=str(h.workdir))
-        except subprocess.TimeoutExpired as exc:
-            raise TimeoutError(f"the USP bench job at {rate} did not finish within {timeout:.0f} s (raise "
-                               f"--timeout); last output:\n{str(exc.stdout or '')[-4000:]}") from None
-        log = done.stdout or ""
-        if echo:
-            for line in log.splitlines():
-                if line.startswith(PROGRESS):
-                    print(line, file=sys.stderr, flush=True)
-        if done.returncode != 0 or not result_path.exists():
-            raise RuntimeError(f"the USP bench job at {rate} failed (mpirun exit code {done.returncode}); "
-                               f"last output:\n{log[-4000:]}")
-        result = json.loads(result_path.read_text())
-        result["tbf_burst_bytes"] = h.burst
-        return result
 
 
 def derive_rate(raw: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -142,7 +97,8 @@ def run_usp_bench(rates: list[str], hosts: int, per_host: int, model: str, steps
     start = time.monotonic()
     base = ["--model", model, "--steps", str(steps), "--seed", str(seed), "--codec", json.dumps(codec),
             "--warmup-codec", json.dumps(warm), "--timeout", str(timeout)]
-    raws = [run_rate(r, hosts, per_host, base, timeout, echo, burst) for r in rates]
+    raws = [run_rate(r, hosts, base, timeout, echo, burst, per_host, "compact_hooks.bench.e2e_usp_worker", "USP bench")
+            for r in rates]
     derived = [derive_rate(raw, steps) for raw in raws]
     return {"bench": "e2e", "mode": "usp", "model": raws[0]["model"], "hosts": hosts, "ranks_per_host": per_host,
             "ulysses_degree": per_host, "ring_degree": hosts, "steps": steps, "seed": seed, "threads_per_rank": 1,
@@ -180,20 +136,6 @@ def format_result(result: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """``bench e2e --mode usp`` (called by :func:`compact_hooks.bench.e2e.main`)."""
-    from compact_hooks.launcher.netns import NetnsUnavailable
-
-    try:
-        result = run_usp_bench(args.rate or [], args.hosts, args.ranks_per_host, args.model, args.steps, args.seed,
-                               _spec(args.codec), _spec(args.warmup_codec), args.timeout, not args.quiet, args.burst)
-    except (NetnsUnavailable, ValueError, FileNotFoundError) as exc:
-        print(f"compact-hooks bench e2e: error: {exc}", file=sys.stderr)
-        return 2
-    except (RuntimeError, TimeoutError) as exc:
-        print(f"compact-hooks bench e2e: error: {exc}", file=sys.stderr)
-        return 1
-    text = json.dumps(result, indent=2)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text if args.json else format_result(result))
-    return 0
+    return report(args, lambda: run_usp_bench(args.rate or [], args.hosts, args.ranks_per_host, args.model, args.steps,
+                                              args.seed, _spec(args.codec), _spec(args.warmup_codec), args.timeout,
+                                              not args.quiet, args.burst), format_result)
