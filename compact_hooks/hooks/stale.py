@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -110,16 +111,21 @@ class StaleHook(CommHook):
             return torch.cat(entry.buffer.unbind(0), dim=call.dim)
         return entry.buffer.clone()
 
-    def _assemble(self, call: CollectiveCall, prev: _StaleEntry, x: torch.Tensor, size: int) -> torch.Tensor:
+    @staticmethod
+    def own_part_fresh(call: CollectiveCall, parts: Sequence[torch.Tensor], x: torch.Tensor,
+                       size: int) -> torch.Tensor:
+        """The result of ``call`` (an ``all_gather`` along ``call.dim`` or an ``all_to_all``) from its
+        ``size`` stale ``parts`` (one per group rank), with this rank's own part taken fresh from ``x``."""
         rank = C.group_rank(call.group)
-        if call.op == "all_gather":
-            parts = list(prev.buffer.unbind(0))
-            parts[rank] = x
-            return torch.cat(parts, dim=call.dim)
-        if call.op == "all_to_all":
-            parts = list(prev.buffer.chunk(size, dim=0))
-            parts[rank] = x.chunk(size, dim=0)[rank]
-            return torch.cat(parts, dim=0)
+        gather = call.op == "all_gather"
+        parts = list(parts)
+        parts[rank] = x if gather else x.chunk(size, dim=0)[rank]
+        return torch.cat(parts, dim=call.dim if gather else 0)
+
+    def _assemble(self, call: CollectiveCall, prev: _StaleEntry, x: torch.Tensor, size: int) -> torch.Tensor:
+        if call.op in ("all_gather", "all_to_all"):
+            parts = prev.buffer.unbind(0) if call.op == "all_gather" else prev.buffer.chunk(size, dim=0)
+            return self.own_part_fresh(call, parts, x, size)
         if call.op == "all_reduce":
             return prev.buffer - prev.local + x
         return prev.buffer

@@ -29,6 +29,7 @@ from ..policy import CallSite
 from ..residual import Session
 from ..work import CollectiveWork
 from .compact import CompactHook
+from .stale import StaleHook
 
 if TYPE_CHECKING:
     from ..collectives.relay import Relay
@@ -142,15 +143,8 @@ class StaleCompactHook(CommHook):
             return remote.clone()
         if call.op == "all_reduce":
             return remote + x
-        out = remote.clone()
-        rank = C.group_rank(call.group)
-        if call.op == "all_to_all":
-            rows = x.shape[0] // size
-            out[rank * rows:(rank + 1) * rows] = x[rank * rows:(rank + 1) * rows]
-        else:  # all_gather along call.dim
-            n = x.shape[call.dim]
-            out.narrow(call.dim, rank * n, n).copy_(x)
-        return out
+        parts = remote.chunk(size, dim=call.dim if call.op == "all_gather" else 0)
+        return StaleHook.own_part_fresh(call, parts, x, size)
 
     def drain(self) -> None:
         """Decode every exchange in flight (in call order: the same on every rank)."""
