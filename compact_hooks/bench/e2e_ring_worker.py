@@ -21,23 +21,30 @@ Rank 0 writes the raw measurements as JSON to ``--result``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 
 import compact_hooks as ch
-from compact_hooks.bench.e2e_setup import MODELS
 from compact_hooks.collectives import all_gather
 from compact_hooks.collectives.relay import Relay
 from compact_hooks.hook import CollectiveCall, CommHook, WrappingHook
 from compact_hooks.work import CollectiveWork, Watch
 
-from .e2e_worker import Bench, CodecTimers, NoopHook, Run, build, compact_of, progress, quality
+from .e2e_worker import (
+    Bench,
+    CodecTimers,
+    NoopHook,
+    Run,
+    _finite,
+    compact_of,
+    progress,
+    quality,
+    run_worker,
+    worker_parser,
+)
 
 # name -> (hook config, per-hop path); a config that does not build (its hook is missing) skips the row
 RING_METHODS: dict[str, tuple[dict[str, Any], bool]] = {
@@ -135,10 +142,6 @@ def _mean(values: Optional[list[float]]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-def _finite(x: float) -> Optional[float]:
-    return x if math.isfinite(x) else None
-
-
 def methods(bench: Bench, probe: bool) -> list[dict[str, Any]]:
     """Every ring method of one rate in one process group; quality against the uncompressed ring."""
     bench.parallel_run(NoopHook(), "ring", steps=1)  # first-call costs outside any timing
@@ -180,34 +183,15 @@ def methods(bench: Bench, probe: bool) -> list[dict[str, Any]]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m compact_hooks.bench.e2e_ring_worker")
-    p.add_argument("--model", choices=sorted(MODELS), required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--rate", required=True, help="label of the link rate (the driver set the cap)")
-    p.add_argument("--seed", type=int, default=0)
+    p = worker_parser("compact_hooks.bench.e2e_ring_worker")
     p.add_argument("--probe", action="store_true", help="also measure the first- and last-hop errors")
-    p.add_argument("--result", required=True, help="rank 0 writes the JSON measurements here")
-    p.add_argument("--timeout", type=float, default=1800.0)
     args = p.parse_args(argv)
 
-    torch.set_num_threads(1)
-    from compact_hooks.launcher.mpi import init_distributed
+    def body(bench: Bench) -> dict[str, Any]:
+        progress(bench, f"rate {args.rate}: {bench.world} ranks, model {args.model}, {args.steps} steps, ring attention")
+        return {"methods": methods(bench, args.probe)}
 
-    group = init_distributed(timeout_s=args.timeout)
-    try:
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        pipe, prompt, size = build(args.model, args.seed)
-        bench = Bench(pipe, prompt, size, args.steps, args.seed, group, rank, world)
-        progress(bench, f"rate {args.rate}: {world} ranks, model {args.model}, {args.steps} steps, ring attention")
-        rows = methods(bench, args.probe)
-        if rank == 0:
-            with open(args.result, "w") as f:
-                json.dump({"rate": args.rate, "world": world, "steps": args.steps, "methods": rows,
-                           "threads_per_rank": torch.get_num_threads()}, f)
-        dist.barrier(group=group)
-    finally:
-        dist.destroy_process_group()
-    return 0
+    return run_worker(args, body)
 
 
 if __name__ == "__main__":

@@ -19,17 +19,15 @@ class. Rank 0 writes the raw measurements (latency: slowest rank; bytes: mean ov
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Any, Optional
 
-import torch
 import torch.distributed as dist
 
 import compact_hooks as ch
 from compact_hooks.bench.e2e import model_info
-from compact_hooks.bench.e2e_worker import Bench, NoopHook, Run, build, progress, quality
+from compact_hooks.bench.e2e_worker import Bench, NoopHook, Run, progress, quality, run_worker, worker_parser
 from compact_hooks.hook import CommHook
 from compact_hooks.hooks.links import LinkAwareHook
 from compact_hooks.topology import LINK_CLASSES, Topology
@@ -107,39 +105,20 @@ def methods(bench: Bench, codec: Any, warmup_codec: Optional[Any]) -> list[dict[
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m compact_hooks.bench.e2e_usp_worker")
-    p.add_argument("--model", required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--rate", required=True, help="label of the inter-host link rate (the driver set the cap)")
-    p.add_argument("--seed", type=int, default=0)
+    p = worker_parser("compact_hooks.bench.e2e_usp_worker", "label of the inter-host link rate (the driver set the cap)")
     p.add_argument("--codec", type=json.loads, default='"int2"', help="compressor spec (JSON)")
     p.add_argument("--warmup-codec", type=json.loads, default='"int8"', help="first-step compressor (JSON or null)")
-    p.add_argument("--result", required=True)
-    p.add_argument("--timeout", type=float, default=1800.0)
     args = p.parse_args(argv)
 
-    torch.set_num_threads(1)
-    from compact_hooks.launcher.mpi import init_distributed
-
-    group = init_distributed(timeout_s=args.timeout)
-    try:
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        pipe, prompt, size = build(args.model, args.seed)
-        bench = Bench(pipe, prompt, size, args.steps, args.seed, group, rank, world)
-        hosts = Topology().hosts(group)
-        progress(bench, f"rate {args.rate}: {world} ranks on {len(set(hosts))} hosts, model {args.model}, "
+    def body(bench: Bench) -> dict[str, Any]:
+        hosts = Topology().hosts(bench.group)
+        progress(bench, f"rate {args.rate}: {bench.world} ranks on {len(set(hosts))} hosts, model {args.model}, "
                         f"{args.steps} steps, USP")
         rows = methods(bench, args.codec, args.warmup_codec)
-        result = {"rate": args.rate, "world": world, "model": model_info(args.model), "hosts": list(hosts),
-                  "steps": args.steps, "methods": rows,
-                  "codec": args.codec, "warmup_codec": args.warmup_codec, "threads_per_rank": torch.get_num_threads()}
-        if rank == 0:
-            with open(args.result, "w") as f:
-                json.dump(result, f)
-        dist.barrier(group=group)
-    finally:
-        dist.destroy_process_group()
-    return 0
+        return {"model": model_info(args.model), "hosts": list(hosts), "methods": rows,
+                "codec": args.codec, "warmup_codec": args.warmup_codec}
+
+    return run_worker(args, body)
 
 
 if __name__ == "__main__":

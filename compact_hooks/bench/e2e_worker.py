@@ -417,22 +417,22 @@ def build(model: str, seed: int) -> tuple[Any, dict[str, torch.Tensor], int]:
     return pipe, default_prompt_embeds(pipe, seed=seed, text_tokens=text), size
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m compact_hooks.bench.e2e_worker")
+def worker_parser(module: str, rate_help: str = "label of the link rate (the driver set the cap)"
+                  ) -> argparse.ArgumentParser:
+    """The options every ``bench e2e`` rank program takes (its own are added to the parser returned)."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}")
     p.add_argument("--model", choices=sorted(MODELS), required=True)
     p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--rate", required=True, help="label of the link rate (the driver set the cap)")
+    p.add_argument("--rate", required=True, help=rate_help)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lowrank", type=json.loads, default=None, help="lowrank compressor spec (JSON)")
-    p.add_argument("--auto-target", type=float, default=DEFAULT_AUTO_TARGET, help="target_rel_error of compact_auto")
-    p.add_argument("--single", action="store_true", help="also time the unparallelized model on rank 0")
-    p.add_argument("--ladder", action="store_true", help="also run the quality ladder")
-    p.add_argument("--ladder-steps", type=int, default=0, help="steps of the ladder's runs (default: --steps)")
-    p.add_argument("--overhead", type=int, default=0, help="repeats of the overhead A/B (0: skip)")
     p.add_argument("--result", required=True, help="rank 0 writes the JSON measurements here")
     p.add_argument("--timeout", type=float, default=1800.0)
-    args = p.parse_args(argv)
+    return p
 
+
+def run_worker(args: argparse.Namespace, body: Callable[[Bench], dict[str, Any]]) -> int:
+    """A rank program's frame: one torch thread, the process group, the model; rank 0 writes
+    ``{"rate", "world", "steps", **body(bench), "threads_per_rank"}`` to ``--result``."""
     torch.set_num_threads(1)
     from compact_hooks.launcher.mpi import init_distributed
 
@@ -441,15 +441,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         pipe, prompt, size = build(args.model, args.seed)
         bench = Bench(pipe, prompt, size, args.steps, args.seed, group, rank, world)
-        lowrank = args.lowrank or lowrank_spec()
-        progress(bench, f"rate {args.rate}: {world} ranks, model {args.model}, {args.steps} steps")
-        rows, runs = methods(bench, lowrank, args.single, args.auto_target)
-        result: dict[str, Any] = {"rate": args.rate, "world": world, "steps": args.steps, "methods": rows,
-                                  "threads_per_rank": torch.get_num_threads()}
-        if args.ladder:
-            result["quality_ladder"] = ladder(bench, lowrank, runs, args.ladder_steps or args.steps)
-        if args.overhead:
-            result["overhead"] = overhead(bench, args.overhead)
+        result = {"rate": args.rate, "world": world, "steps": args.steps, **body(bench),
+                  "threads_per_rank": torch.get_num_threads()}
         if rank == 0:
             with open(args.result, "w") as f:
                 json.dump(result, f)
@@ -457,6 +450,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = worker_parser("compact_hooks.bench.e2e_worker")
+    p.add_argument("--lowrank", type=json.loads, default=None, help="lowrank compressor spec (JSON)")
+    p.add_argument("--auto-target", type=float, default=DEFAULT_AUTO_TARGET, help="target_rel_error of compact_auto")
+    p.add_argument("--single", action="store_true", help="also time the unparallelized model on rank 0")
+    p.add_argument("--ladder", action="store_true", help="also run the quality ladder")
+    p.add_argument("--ladder-steps", type=int, default=0, help="steps of the ladder's runs (default: --steps)")
+    p.add_argument("--overhead", type=int, default=0, help="repeats of the overhead A/B (0: skip)")
+    args = p.parse_args(argv)
+
+    def body(bench: Bench) -> dict[str, Any]:
+        lowrank = args.lowrank or lowrank_spec()
+        progress(bench, f"rate {args.rate}: {bench.world} ranks, model {args.model}, {args.steps} steps")
+        rows, runs = methods(bench, lowrank, args.single, args.auto_target)
+        result: dict[str, Any] = {"methods": rows}
+        if args.ladder:
+            result["quality_ladder"] = ladder(bench, lowrank, runs, args.ladder_steps or args.steps)
+        if args.overhead:
+            result["overhead"] = overhead(bench, args.overhead)
+        return result
+
+    return run_worker(args, body)
 
 
 if __name__ == "__main__":
