@@ -123,6 +123,15 @@ def _rotate(method: str) -> Iterator[None]:
         opts.rotate_method, opts.enable_load_balance = saved
 
 
+def _row(outs: list[torch.Tensor], plain: list[torch.Tensor], st: dict[str, Any]) -> dict[str, Any]:
+    """One hooked run against the plain run: equal?, errors, the routing counters, ratio and keys."""
+    return {"equal": all(torch.equal(o, p) for o, p in zip(outs, plain)),
+            "errs": [_rel(o, p) for o, p in zip(outs, plain)],
+            "routed": st["routed"], "unrouted": st["unrouted"], "exact": st["exact"],
+            "unrouted_ops": st["unrouted_ops"], "ratio": st.get("compression_ratio"),
+            "keys": sorted(st.get("per_key", {}))}
+
+
 def _run(net: nn.Module, xs: list[torch.Tensor], hook: Any = None, modules: tuple = ()) -> tuple[list, dict]:
     if hook is None:
         with torch.no_grad():
@@ -160,13 +169,7 @@ def table_worker(rank: int, world: int, steps: int, tokens: int) -> dict[str, An
             hooks = {"passthrough": ch.PassthroughHook(), **{n: ch.build_hook(c) for n, c in HOOKS.items()}}
             for name, hook in hooks.items():
                 outs, st = _run(net, local, hook, modules)
-                rows[f"{layout}/{name}"] = {
-                    "equal": all(torch.equal(o, p) for o, p in zip(outs, plain)),
-                    "errs": [_rel(o, p) for o, p in zip(outs, plain)],
-                    "routed": st["routed"], "unrouted": st["unrouted"], "exact": st["exact"],
-                    "unrouted_ops": st["unrouted_ops"], "ratio": st.get("compression_ratio"),
-                    "keys": sorted(st.get("per_key", {})),
-                }
+                rows[f"{layout}/{name}"] = _row(outs, plain, st)
     return rows
 
 
@@ -321,11 +324,5 @@ def xfuser_worker(rank: int, world: int, ulysses: int, ring: int, steps: int, to
                         outs.append(net(x))
                         hook.next_step()
                     st = handle.stats()
-                rows[f"{tag}/{name}"] = {
-                    "equal": all(torch.equal(o, p) for o, p in zip(outs, plain)),
-                    "errs": [_rel(o, p) for o, p in zip(outs, plain)],
-                    "routed": st["routed"], "unrouted": st["unrouted"], "exact": st["exact"],
-                    "unrouted_ops": st["unrouted_ops"], "ratio": st.get("compression_ratio"),
-                    "keys": sorted(st.get("per_key", {})),
-                }
+                rows[f"{tag}/{name}"] = _row(outs, plain, st)
     return rows
