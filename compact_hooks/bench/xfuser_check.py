@@ -5,7 +5,7 @@ ranks, a 2-block attention model (``[B, H, S, D]`` per rank, ``--dtype``) for ``
 changing inputs, first unrouted, then through PassthroughHook (must be bit-identical), int8 and int2
 with error feedback (worst step's relative L2 error and the compression ratio). Rank 0 prints one
 JSON line per hook. On CUDA it uses NCCL and xfuser as installed; ``--device cpu`` (gloo) needs the
-test-only import step of ``tests/funcol_workers.py``, which this program applies too.
+CPU import step of :func:`import_usp` (the one ``tests/funcol_workers.py`` needs too).
 """
 
 from __future__ import annotations
@@ -22,10 +22,20 @@ import torch.distributed as dist
 from torch import nn
 
 
-def _import_usp(device: str) -> Any:
+def import_usp(device: str = "cpu") -> Any:
+    """xfuser 0.7's usp module; for ``device="cpu"`` imported so that it runs on gloo (also used by
+    ``tests/funcol_workers.py``).
+
+    xfuser raises NotImplementedError at import without an accelerator (``envs.get_device_version``,
+    read by ``xfuser.config.config``): the import runs while ``torch.backends.mps.is_available``
+    reports True (the version is then None), and the real function is put back right after.
+    xfuser's yunchang check (``check_long_ctx_attn``) is False without CUDA, which makes
+    ``initialize_model_parallel`` skip yunchang's Ulysses / ring groups: every xfuser module's copy of
+    ``HAS_LONG_CTX_ATTN`` is set True (yunchang 0.6.4 imports on CPU).
+    """
     if device == "cuda":
         return importlib.import_module("xfuser.model_executor.layers.usp")
-    real = torch.backends.mps.is_available  # xfuser 0.7 refuses to import without an accelerator
+    real = torch.backends.mps.is_available
     torch.backends.mps.is_available = lambda: True
     try:
         usp = importlib.import_module("xfuser.model_executor.layers.usp")
@@ -35,6 +45,25 @@ def _import_usp(device: str) -> Any:
         if name.startswith("xfuser.") and hasattr(module, "HAS_LONG_CTX_ATTN"):
             module.HAS_LONG_CTX_ATTN = True
     return usp
+
+
+def setup_xfuser(usp: Any, ulysses: int, ring: int, backend: str = "gloo") -> None:
+    """xfuser's distributed environment, process groups (Ulysses ``ulysses`` x ring ``ring`` over every
+    rank) and runtime state (SDPA_FLASH: the ring needs the LSE)."""
+    import yunchang.globals as yg
+    from xfuser.config import xFuserArgs
+    from xfuser.core.distributed import parallel_state as ps
+    from xfuser.core.distributed import runtime_state as rs
+
+    ps.init_distributed_environment(backend=backend)
+    ps.initialize_model_parallel(sequence_parallel_degree=dist.get_world_size(), ulysses_degree=ulysses, ring_degree=ring,
+                                 backend=backend)
+    config, _ = xFuserArgs(model="unused", ulysses_degree=ulysses, ring_degree=ring,
+                           attention_backend="SDPA_FLASH").create_config()
+    state = rs.ExternalRuntimeState.__new__(rs.ExternalRuntimeState)  # its __init__ ignores the degrees
+    rs.RuntimeState.__init__(state, config)
+    rs._RUNTIME = state
+    usp.PROCESS_GROUP = yg.PROCESS_GROUP  # usp binds yunchang's groups only when CUDA is available
 
 
 class Attention(nn.Module):
@@ -60,27 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--steps", type=int, default=8)
     a = p.parse_args(argv)
-    usp = _import_usp(a.device)
-    import yunchang.globals as yg
-    from xfuser.config import xFuserArgs
-    from xfuser.core.distributed import parallel_state as ps
-    from xfuser.core.distributed import runtime_state as rs
-
+    usp = import_usp(a.device)
     import compact_hooks as ch
     from compact_hooks.integrations.xfuser import compress_xfuser
 
-    backend = "nccl" if a.device == "cuda" else "gloo"
-    ps.init_distributed_environment(backend=backend)
+    setup_xfuser(usp, a.ulysses, a.ring, "nccl" if a.device == "cuda" else "gloo")
     world, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device("cuda", rank % torch.cuda.device_count()) if a.device == "cuda" else torch.device("cpu")
-    ps.initialize_model_parallel(sequence_parallel_degree=world, ulysses_degree=a.ulysses, ring_degree=a.ring,
-                                 backend=backend)
-    config, _ = xFuserArgs(model="unused", ulysses_degree=a.ulysses, ring_degree=a.ring,
-                           attention_backend="SDPA_FLASH").create_config()
-    state = rs.ExternalRuntimeState.__new__(rs.ExternalRuntimeState)  # its __init__ ignores the degrees
-    rs.RuntimeState.__init__(state, config)
-    rs._RUNTIME = state
-    usp.PROCESS_GROUP = yg.PROCESS_GROUP
     dtype = getattr(torch, a.dtype)
     torch.manual_seed(0)
     net = nn.Sequential(*[Attention(usp, a.heads, a.dim) for _ in range(2)]).to(device, dtype)
