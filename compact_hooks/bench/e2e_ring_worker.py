@@ -39,9 +39,10 @@ from .e2e_worker import (
     NoopHook,
     Run,
     _finite,
+    add_quality,
     compact_of,
+    keep_median_compute,
     progress,
-    quality,
     run_worker,
     worker_parser,
 )
@@ -164,15 +165,8 @@ def methods(bench: Bench, probe: bool) -> list[dict[str, Any]]:
             continue
         rows.append(row)
         runs[name] = run
-    computes.sort(key=lambda rr: rr[0]["latency_s"])
-    row, runs["compute_only"] = computes[len(computes) // 2]
-    row["latency_runs_s"] = [r["latency_s"] for r, _ in computes]
-    rows.insert(0, row)
-    for row in rows:
-        if bench.rank == 0 and row["name"] != "compute_only":
-            row.update(quality(runs[row["name"]], runs["ring"]))
-        else:
-            row.update({"psnr_db": None, "rel_l2": None, "per_step_rel_l2": None})
+    keep_median_compute(rows, runs, computes)
+    add_quality(bench, rows, runs, "ring")
     if probe:
         for row in rows:
             if row["name"] in PROBED:

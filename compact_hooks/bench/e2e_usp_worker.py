@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 import compact_hooks as ch
 from compact_hooks.bench.e2e import model_info
-from compact_hooks.bench.e2e_worker import Bench, NoopHook, Run, progress, quality, run_worker, worker_parser
+from compact_hooks.bench.e2e_worker import Bench, NoopHook, Run, add_quality, progress, run_worker, worker_parser
 from compact_hooks.hook import CommHook
 from compact_hooks.hooks.links import LinkAwareHook
 from compact_hooks.topology import LINK_CLASSES, Topology
@@ -96,11 +96,7 @@ def methods(bench: Bench, codec: Any, warmup_codec: Optional[Any]) -> list[dict[
     row["latency_runs_s"] = [r["latency_s"] for r, _ in computes]
     rows.insert(0, row)
     runs["compute_only"] = run
-    for row in rows:
-        if bench.rank == 0 and row["name"] != "compute_only":
-            row.update(quality(runs[row["name"]], runs["usp"]))
-        else:
-            row.update({"psnr_db": None, "rel_l2": None, "per_step_rel_l2": None})
+    add_quality(bench, rows, runs, "usp")
     return rows
 
 

@@ -296,6 +296,25 @@ def quality(run: Run, ref: Run) -> dict[str, Any]:
             "per_step_rel_l2": [rel_l2(a, b) for a, b in zip(run.latents, ref.latents)]}
 
 
+def add_quality(bench: Bench, rows: list[dict[str, Any]], runs: dict[str, Run], ref: str) -> None:
+    """Every row but ``compute_only`` gets its quality against ``runs[ref]`` on rank 0 (None elsewhere)."""
+    for row in rows:
+        if bench.rank == 0 and row["name"] != "compute_only":
+            row.update(quality(runs[row["name"]], runs[ref]))
+        else:
+            row.update({"psnr_db": None, "rel_l2": None, "per_step_rel_l2": None})
+
+
+def keep_median_compute(rows: list[dict[str, Any]], runs: dict[str, Run],
+                        repeats: list[tuple[dict[str, Any], Run]]) -> None:
+    """The median of the ``compute_only`` repeats becomes the first row (every latency, sorted, in
+    ``latency_runs_s``) and ``runs["compute_only"]``."""
+    repeats = sorted(repeats, key=lambda rr: rr[0]["latency_s"])
+    row, runs["compute_only"] = repeats[len(repeats) // 2]
+    row["latency_runs_s"] = [r["latency_s"] for r, _ in repeats]
+    rows.insert(0, row)
+
+
 # ---- the sections -------------------------------------------------------------------------------
 
 
@@ -328,10 +347,7 @@ def methods(bench: Bench, lowrank: dict[str, Any], single: bool,
             continue
         rows.append(row)
         runs[name] = run
-    repeats.sort(key=lambda rr: rr[0]["latency_s"])
-    row, runs["compute_only"] = repeats[len(repeats) // 2]
-    row["latency_runs_s"] = [r["latency_s"] for r, _ in repeats]
-    rows.insert(0, row)
+    keep_median_compute(rows, runs, repeats)
     if single:
         progress(bench, "single ...")
         run = bench.generate(run_here=bench.rank == 0)
@@ -341,12 +357,7 @@ def methods(bench: Bench, lowrank: dict[str, Any], single: bool,
                      "encode_calls": 0, "decode_calls": 0})
         runs["single"] = run
         progress(bench, f"single: {run.latency_s:.2f} s")
-    ref = runs["ulysses"]
-    for row in rows:
-        if bench.rank == 0 and row["name"] != "compute_only":
-            row.update(quality(runs[row["name"]], ref))
-        else:
-            row.update({"psnr_db": None, "rel_l2": None, "per_step_rel_l2": None})
+    add_quality(bench, rows, runs, "ulysses")
     return rows, runs
 
 
