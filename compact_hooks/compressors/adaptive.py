@@ -189,16 +189,14 @@ class AdaptiveCompressor(Compressor):
             raise ValueError(f"level {level} is not on this ladder (0..{len(self.levels)})")
         shape = tuple(x.shape)
         r = torch.linalg.vector_norm(x, dtype=torch.float32)
-        body: list[torch.Tensor] = []
+        body = [as_bytes(f) for f in self.levels[level - 1].encode_body(x, state)] if level else []
+        payload = torch.cat([self._header(x, level), *body])
         e = r
         decoded = None
-        if level:
-            body = [as_bytes(f) for f in self.levels[level - 1].encode_body(x, state)]
-            decoded = self.levels[level - 1].decode_body(torch.cat(body), shape, torch.float32)
+        if level:  # decoded from the payload's own body: no second concatenation of the fields
+            decoded = self.levels[level - 1].decode_body(payload[HEADER_NBYTES:], shape, torch.float32)
             e = torch.linalg.vector_norm(x.float() - decoded, dtype=torch.float32)
-        header = self._header(x, level)
-        header[NORMS_AT].copy_(torch.stack([r, e]).to(torch.bfloat16).view(torch.uint8))
-        payload = torch.cat([header, *body])
+        payload[NORMS_AT].copy_(torch.stack([r, e]).to(torch.bfloat16).view(torch.uint8))
         # the sender's channel decodes this payload next (its base update): the same bytes, decoded once
         self.__dict__["_last_decoded"] = (payload, decoded)
         return payload
