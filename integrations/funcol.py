@@ -77,14 +77,56 @@ def _process_group(group: Any) -> Optional[dist.ProcessGroup]:
     return None
 
 
-class FuncolRouter:
-    """The routed functional collectives: keys, role hints and the ``routed`` / ``exact`` / ``unrouted`` counts."""
+class RouteCounts:
+    """What a router of collectives counts while ``active``: ``routed`` (through the hook), ``exact``
+    (plain, on purpose) and ``unrouted`` (torch.distributed unchanged; ``unrouted_ops`` by name)."""
 
     def __init__(self, hook: CommHook) -> None:
         self.hook = hook
         self.active = False
         self.counts: Counter[str] = Counter()
         self.unrouted_ops: Counter[str] = Counter()
+
+    def stats(self) -> dict[str, Any]:
+        return {"routed": self.counts["routed"], "exact": self.counts["exact"],
+                "unrouted": self.counts["unrouted"], "unrouted_ops": dict(self.unrouted_ops)}
+
+    def _plain(self, name: str, real: Callable[..., Any], counter: str, *args: Any, **kwargs: Any) -> Any:
+        """``real(*args, **kwargs)``, counted (while active) as ``counter``, and as ``name`` when unrouted."""
+        if self.active:
+            self.counts[counter] += 1
+            if counter == "unrouted":
+                self.unrouted_ops[name] += 1
+        return real(*args, **kwargs)
+
+    def unrouted(self, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        """``real``, counted as the unrouted op ``name`` while active."""
+        return lambda *args, **kwargs: self._plain(name, real, "unrouted", *args, **kwargs)
+
+
+class CollectiveProxy:
+    """A module stand-in (``funcol``, ``torch.distributed``): ``routes`` by name, the other
+    ``collectives`` counted as unrouted (``<prefix>.<name>``), the rest of ``real`` as is."""
+
+    def __init__(self, real: Any, routes: dict[str, Callable[..., Any]], collectives: frozenset[str],
+                 router: RouteCounts, prefix: str) -> None:
+        self._real, self._routes, self._collectives = real, routes, collectives
+        self._router, self._prefix = router, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._routes:
+            return self._routes[name]
+        value = getattr(self._real, name)
+        if name in self._collectives and callable(value):
+            return self._router.unrouted(f"{self._prefix}.{name}", value)
+        return value
+
+
+class FuncolRouter(RouteCounts):
+    """The routed functional collectives: keys, role hints and the ``routed`` / ``exact`` / ``unrouted`` counts."""
+
+    def __init__(self, hook: CommHook) -> None:
+        super().__init__(hook)
         self._local = threading.local()  # .frames: [(name, role counter)], innermost last; .hints
 
     # -- keys ----------------------------------------------------------------------------------
@@ -125,18 +167,7 @@ class FuncolRouter:
         roles = ROLES.get(kind, ())
         return f"{name}:{roles[n] if n < len(roles) else f'{kind}{n + 1}'}"
 
-    def stats(self) -> dict[str, Any]:
-        return {"routed": self.counts["routed"], "exact": self.counts["exact"],
-                "unrouted": self.counts["unrouted"], "unrouted_ops": dict(self.unrouted_ops)}
-
     # -- the calls -----------------------------------------------------------------------------
-
-    def _plain(self, name: str, real: Callable[..., Any], counter: str, *args: Any, **kwargs: Any) -> Any:
-        if self.active:
-            self.counts[counter] += 1
-            if counter == "unrouted":
-                self.unrouted_ops[name] += 1
-        return real(*args, **kwargs)
 
     def _routable(self, name: str, x: torch.Tensor, group: Any) -> tuple[Optional[dist.ProcessGroup], str]:
         """The process group when ``name`` may go to the hook, else why not (``exact`` / ``unrouted`` op)."""
@@ -200,9 +231,7 @@ class FuncolRouter:
         if name in ROUTED:
             return getattr(self, name)
         real = getattr(funcol, name)
-        if name in COLLECTIVES:
-            return lambda *args, **kwargs: self._plain(f"funcol.{name}", real, "unrouted", *args, **kwargs)
-        return real
+        return self.unrouted(f"funcol.{name}", real) if name in COLLECTIVES else real
 
 
 class _Hint:
@@ -219,16 +248,11 @@ class _Hint:
         self.router._local.hints.pop()
 
 
-class _FuncolProxy:
+class _FuncolProxy(CollectiveProxy):
     """``funcol`` as a caller module sees it: routed names from the router, the rest from funcol."""
 
     def __init__(self, router: FuncolRouter) -> None:
-        self._router = router
-
-    def __getattr__(self, name: str) -> Any:
-        if name in COLLECTIVES:
-            return self._router.function(name)
-        return getattr(funcol, name)
+        super().__init__(funcol, {name: router.function(name) for name in ROUTED}, COLLECTIVES, router, "funcol")
 
 
 def _attention_modules(model: nn.Module, attention: Optional[AttentionSelector]) -> list[tuple[str, nn.Module]]:

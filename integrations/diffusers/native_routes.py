@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from compact_hooks.integrations.funcol import CollectiveProxy, RouteCounts
 
 from compact_hooks.collectives import all_gather as plain_all_gather
 from compact_hooks.hook import CollectiveCall, CommHook
@@ -51,16 +52,13 @@ FUNCOL_COLLECTIVES = frozenset({
     "reduce_scatter_tensor_coalesced", "permute_tensor", "broadcast"})
 
 
-class Router:
+class Router(RouteCounts):
     """Counters, keys and the routed collectives of one :class:`~.native.NativeHandle`."""
 
     def __init__(self, hook: CommHook) -> None:
-        self.hook = hook
-        self.active = False
+        super().__init__(hook)
         self.layer: Optional[str] = None
         self.roles: Counter[str] = Counter()
-        self.counts: Counter[str] = Counter()
-        self.unrouted_ops: Counter[str] = Counter()
 
     # -- keys and counters -------------------------------------------------------------------
 
@@ -81,19 +79,6 @@ class Router:
         else:
             role = kind if n == 0 else f"{kind}{n + 1}"
         return f"{self.layer}:{role}"
-
-    def stats(self) -> dict[str, Any]:
-        return {"routed": self.counts["routed"], "exact": self.counts["exact"], "unrouted": self.counts["unrouted"],
-                "unrouted_ops": dict(self.unrouted_ops)}
-
-    def _unrouted(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if self.active:
-                self.counts["unrouted"] += 1
-                self.unrouted_ops[name] += 1
-            return fn(*args, **kwargs)
-
-        return call
 
     # -- the collectives ------------------------------------------------------------------------
 
@@ -162,45 +147,29 @@ class Router:
 
         return routed
 
-    def funcol_proxy(self, real: Any) -> "_Proxy":
+    def funcol_proxy(self, real: Any) -> CollectiveProxy:
         def gather(x: torch.Tensor, gather_dim: int, group: Any, tag: str = "") -> torch.Tensor:
             if not self.active or not isinstance(group, dist.ProcessGroup):
-                return self._unrouted("funcol.all_gather", real.all_gather_tensor)(x, gather_dim, group, tag)
+                return self.unrouted("funcol.all_gather", real.all_gather_tensor)(x, gather_dim, group, tag)
             return self.all_gather(x.contiguous(), group, gather_dim, "kv", lazy=True)
 
         def a2a(x: torch.Tensor, output_split_sizes: Any, input_split_sizes: Any, group: Any,
                 tag: str = "") -> torch.Tensor:
             if not self.active or not isinstance(group, dist.ProcessGroup):
-                return self._unrouted("funcol.all_to_all_single", real.all_to_all_single)(
+                return self.unrouted("funcol.all_to_all_single", real.all_to_all_single)(
                     x, output_split_sizes, input_split_sizes, group, tag)
             return self.all_to_all_split(x.contiguous(), output_split_sizes, input_split_sizes, group)
 
         routes = {"all_gather_tensor": gather, "all_gather_single": gather, "all_to_all_single": a2a}
-        return _Proxy(real, routes, FUNCOL_COLLECTIVES, self, "funcol")
+        return CollectiveProxy(real, routes, FUNCOL_COLLECTIVES, self, "funcol")
 
-    def dist_proxy(self, real: Any) -> "_Proxy":
+    def dist_proxy(self, real: Any) -> CollectiveProxy:
         def all_gather(tensor_list: list[torch.Tensor], tensor: torch.Tensor, group: Any = None,
                        async_op: bool = False) -> Any:
             if not self.active or (group is not None and not isinstance(group, dist.ProcessGroup)):
-                return self._unrouted("dist.all_gather", real.all_gather)(tensor_list, tensor, group, async_op)
+                return self.unrouted("dist.all_gather", real.all_gather)(tensor_list, tensor, group, async_op)
             return self.all_gather_list(tensor_list, tensor, group if group is not None else dist.group.WORLD,
                                         async_op)
 
-        return _Proxy(real, {"all_gather": all_gather}, DIST_COLLECTIVES, self, "dist")
+        return CollectiveProxy(real, {"all_gather": all_gather}, DIST_COLLECTIVES, self, "dist")
 
-
-class _Proxy:
-    """A module stand-in: ``routes`` by name, the other collectives counted as unrouted, the rest as is."""
-
-    def __init__(self, real: Any, routes: dict[str, Callable[..., Any]], collectives: frozenset[str],
-                 router: Router, prefix: str) -> None:
-        self._real, self._routes, self._collectives = real, routes, collectives
-        self._router, self._prefix = router, prefix
-
-    def __getattr__(self, name: str) -> Any:
-        if name in self._routes:
-            return self._routes[name]
-        value = getattr(self._real, name)
-        if name in self._collectives and callable(value):
-            return self._router._unrouted(f"{self._prefix}.{name}", value)
-        return value
