@@ -41,7 +41,7 @@ from ..stats import KeyStats
 from ..work import CollectiveWork
 from .plain import all_gather, global_rank, group_rank, group_size, plain_bytes
 from .protocol import maybe_verify, verify_headers
-from .transport import SIZE_NBYTES, Group, Transfer, all_gather_into, group_ranks, start_transfer
+from .transport import SIZE_NBYTES, Group, Transfer, gather_lengths, group_ranks, start_transfer
 
 
 def hop_key(key: Optional[str], hop: int) -> Optional[str]:
@@ -164,16 +164,6 @@ def start_plain_relay(x: torch.Tensor, group: Group, timeout_s: Optional[float] 
     return start_forward_relay([send], group, timeout_s, "relay ring", lambda hop: [torch.empty_like(send)], decode)
 
 
-def _lengths(n: int, group: Group, timeout_s: Optional[float], what: str, device: torch.device) -> list[int]:
-    """Every rank's payload length (a variable-size codec), in group-rank order: one small all-gather."""
-    size = group_size(group)
-    mine = torch.empty(1, dtype=torch.int64, device=device)
-    mine.fill_(n)
-    out = torch.empty(size, dtype=torch.int64, device=device)
-    all_gather_into(out, mine, group, timeout_s, f"{what} (sizes)")
-    return [int(v) for v in out.tolist()]
-
-
 def start_compressed_relay(x: torch.Tensor, group: Group, session: Session, key: str) -> Relay:
     """The compressed relay of ``x`` (see the module): encoded once by this rank, forwarded unchanged,
     decoded by every receiver against its base of the source. Stats per hop under ``key.hopN``
@@ -190,7 +180,7 @@ def start_compressed_relay(x: torch.Tensor, group: Group, session: Session, key:
     payload, _ = session.channel(stream, global_rank(group, rank)).encode(x, full)
     what = f"relay ring of {stream!r}"
     varlen = session.compressor.variable_size and not full
-    lengths = (_lengths(payload.numel(), group, session.timeout_s, what, payload.device) if varlen
+    lengths = (gather_lengths(payload.numel(), group, session.timeout_s, what, payload.device) if varlen
                else [payload.numel()] * size)
     samples: list[tuple[KeyStats, torch.Tensor, int]] = []
 

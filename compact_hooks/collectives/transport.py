@@ -239,24 +239,21 @@ def start_all_to_all_sized(payloads: list[Optional[torch.Tensor]], counts: list[
     return transfer, received
 
 
+def gather_lengths(n: int, group: Group, timeout_s: Optional[float], what: str,
+                   device: torch.device) -> list[int]:
+    """Every rank's length ``n`` in group-rank order: one small all-gather (blocking, one host read)."""
+    lengths = torch.empty(dist.get_world_size(group), dtype=torch.int64, device=device)
+    all_gather_into(lengths, _lengths([n], device), group, timeout_s, f"{what} (sizes)")
+    return lengths.tolist()
+
+
 def start_all_gather_varlen(payload: torch.Tensor, group: Group, timeout_s: Optional[float],
                             what: str) -> tuple[Transfer, list[torch.Tensor]]:
     """Every rank's payload (lengths may differ), own one included, in rank order, filled once the
-    transfer is waited. The lengths are gathered first (blocking, one host read); then each rank
-    sends its payload once to every peer."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    lengths = torch.empty(size, dtype=torch.int64, device=payload.device)
-    all_gather_into(lengths, _lengths([payload.numel()], payload.device), group, timeout_s, f"{what} (sizes)")
-    counts = lengths.tolist()
-    send = payload.repeat(size - 1)
-    in_splits = [0 if j == rank else payload.numel() for j in range(size)]
-    out_splits = [0 if j == rank else counts[j] for j in range(size)]
-    out = torch.empty(sum(out_splits), dtype=payload.dtype, device=payload.device)
-    transfer = start_transfer(lambda: dist.all_to_all_single(out, send, out_splits, in_splits, group=group,
-                                                             async_op=True), group, timeout_s, what)
-    parts = list(out.split(out_splits))
-    parts[rank] = payload
-    return transfer, parts
+    transfer is waited. The lengths are gathered first (:func:`gather_lengths`); then
+    :func:`start_all_gather_sized`."""
+    counts = gather_lengths(payload.numel(), group, timeout_s, what, payload.device)
+    return start_all_gather_sized(payload, counts, group, timeout_s, what)
 
 
 def all_gather_varlen(payload: torch.Tensor, group: Group, timeout_s: Optional[float], what: str) -> list[torch.Tensor]:
@@ -269,22 +266,15 @@ def all_gather_varlen(payload: torch.Tensor, group: Group, timeout_s: Optional[f
 def start_all_to_all_varlen(payloads: list[Optional[torch.Tensor]], group: Group, timeout_s: Optional[float],
                             what: str) -> tuple[Transfer, list[Optional[torch.Tensor]]]:
     """``payloads[j]`` (any length; ``None`` for this rank) goes to rank ``j``; what each rank sent
-    here (``None`` at this rank) is filled once the transfer is waited. Lengths first (blocking)."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    here (``None`` at this rank) is filled once the transfer is waited. Lengths first (blocking), then
+    :func:`start_all_to_all_sized`."""
+    size = dist.get_world_size(group)
     device = next(p.device for p in payloads if p is not None)
-    in_splits = [0 if p is None else p.numel() for p in payloads]
     lengths = torch.empty(size, dtype=torch.int64, device=device)
-    sent = _lengths(in_splits, device)
+    sent = _lengths([0 if p is None else p.numel() for p in payloads], device)
     run_and_wait(lambda: dist.all_to_all_single(lengths, sent, group=group, async_op=True), group, timeout_s,
                  f"{what} (sizes)")
-    out_splits = lengths.tolist()
-    send = torch.cat([p for p in payloads if p is not None])
-    out = torch.empty(sum(out_splits), dtype=send.dtype, device=device)
-    transfer = start_transfer(lambda: dist.all_to_all_single(out, send, out_splits, in_splits, group=group,
-                                                             async_op=True), group, timeout_s, what)
-    received: list[Optional[torch.Tensor]] = list(out.split(out_splits))
-    received[rank] = None
-    return transfer, received
+    return start_all_to_all_sized(payloads, lengths.tolist(), group, timeout_s, what)
 
 
 def all_to_all_varlen(payloads: list[Optional[torch.Tensor]], group: Group, timeout_s: Optional[float],
