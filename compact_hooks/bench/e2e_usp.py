@@ -22,6 +22,7 @@ from compact_hooks.launcher.netns import parse_rate
 
 from .e2e import _div, _steady, report, run_rate
 from .e2e_format import _f
+from .options import spec_arg
 
 METHODS = ("compute_only", "usp", "usp_compress_all", "usp_inter_host")
 TARGETS = {"comm_fraction": 0.9, "speedup": 4.0}
@@ -36,10 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks-per-host", type=int, default=1, help="ranks per emulated host (--mode usp)")
     p.add_argument("--codec", default="int2", help="compressor of the USP methods (name or JSON spec)")
     p.add_argument("--warmup-codec", default="int8", help="first-step compressor of the USP methods ('none': full)")
-
-
-def _spec(text: str) -> Any:
-    return json.loads(text) if text.strip().startswith("{") else text
 
 
 def derive_rate(raw: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -137,5 +134,5 @@ def format_result(result: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     """``bench e2e --mode usp`` (called by :func:`compact_hooks.bench.e2e.main`)."""
     return report(args, lambda: run_usp_bench(args.rate or [], args.hosts, args.ranks_per_host, args.model, args.steps,
-                                              args.seed, _spec(args.codec), _spec(args.warmup_codec), args.timeout,
+                                              args.seed, spec_arg(args.codec), spec_arg(args.warmup_codec), args.timeout,
                                               not args.quiet, args.burst), format_result)

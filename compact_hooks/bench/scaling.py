@@ -17,6 +17,8 @@ import torch
 
 from compact_hooks.launcher.local import run_ranks
 
+from .options import spec_arg
+
 HEADS, HEAD_DIM, TEXT = 12, 16, 12  # 12 heads: divisible by 2, 3 and 4 ranks
 
 
@@ -98,7 +100,7 @@ def _print(result: dict[str, Any]) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    spec = json.loads(args.compressor) if args.compressor.lstrip().startswith("{") else args.compressor
+    spec = spec_arg(args.compressor)
     args.world = args.world or [2, 3, 4]
     blocks = [(n // 3, n - n // 3) for n in args.blocks]
     result = bench_scaling(args.world, args.side, blocks, spec, args.steps)

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from compact_hooks.launcher.local import run_ranks
 
+from .options import spec_arg
 from .scaling import HEAD_DIM, HEADS, TEXT, _worker
 from .scaling import main as main_classic
 from .scaling_presets import BASE_OPTIONS, MODES, PRESETS, Preset, block_plan, feasible, memory, usp_degrees, wire
@@ -133,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
     """``bench scaling``: ``--preset NAME`` here, else the measured Ulysses table of :mod:`.scaling`."""
     if not args.preset:
         return main_classic(args)
-    spec = json.loads(args.compressor) if args.compressor.lstrip().startswith("{") else args.compressor
+    spec = spec_arg(args.compressor)
     modes = args.mode or list(MODES)
     result = bench_preset(args.preset, args.world or [2, 4, 8, 16], modes, spec, check_world=args.check_world)
     print(json.dumps(result, indent=2)) if args.json else print_preset(result)
