@@ -27,8 +27,8 @@ from typing import Any, Optional
 
 from compact_hooks.launcher.netns import parse_rate
 
-from .e2e import _div, _steady, report, run_rate
 from .e2e_format import _f
+from .e2e_jobs import _div, _steady, report, run_rate
 from .e2e_setup import PROGRESS, model_info
 
 ROWS = ("compute_only", "ring", "compact_int2_sync", "compact_int2", "stale", "stale_int2")

@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 from compact_hooks.launcher.netns import parse_rate
 
-from .e2e import _div, _steady, report, run_rate
 from .e2e_format import _f
+from .e2e_jobs import _div, _steady, report, run_rate
 from .options import spec_arg
 
 METHODS = ("compute_only", "usp", "usp_compress_all", "usp_inter_host")
