@@ -115,8 +115,7 @@ class Channel:
         if self.mode == "ef2":
             self.velocity = self._store(bases.load(stored) - bases.load(self.base), dtype)
         self.base = stored
-        # an 8-bit base: ``_store`` saturated ``value`` (a float32 temporary) in place before quantizing it
-        return _fit(stored if isinstance(stored, torch.Tensor) else value, dtype)
+        return _fit(stored if isinstance(stored, torch.Tensor) else value, dtype)  # 8-bit: _store saturated value in place
 
     # -- sender ----------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, full: bool) -> tuple[torch.Tensor, torch.Tensor]:
