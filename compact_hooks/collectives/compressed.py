@@ -31,8 +31,9 @@ from typing import Callable, Optional
 import torch
 
 from ..budget import Exchange
-from ..residual import Session
+from ..residual import Channel, Session
 from ..stats import KeyStats
+from ..wire import HEADER_NBYTES
 from ..work import CollectiveWork
 from .plain import all_gather, all_reduce, all_to_all, check_rows, global_rank, group_rank, group_size, plain_bytes, start_plain
 from .plain import ring_exchange as plain_ring_exchange
@@ -112,20 +113,30 @@ def _budget(session: Session, stream: str, shape: tuple[int, ...], dtype: torch.
     return session.budget.exchange(session.request, session.step, stream, shape, dtype, full, sends, receives)
 
 
+def _encode(channel: Channel, x: torch.Tensor, full: bool, level: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` through ``channel`` (at ``level``, the budget's, when given): payload, own reconstruction."""
+    if level is not None:
+        channel.codec_state["level"] = level
+    return channel.encode(x, full)
+
+
+def _encode_stream(session: Session, stream: str, x: torch.Tensor, full: bool, src: int, dst: Optional[int],
+                   receives: list[tuple[int, Optional[int]]]) -> tuple[torch.Tensor, torch.Tensor, Optional[Exchange]]:
+    """Encode this rank's one stream ``src -> dst`` of a stage (at its budgeted level): payload, own reconstruction."""
+    ex = _budget(session, stream, tuple(x.shape), x.dtype, full, [(src, dst)], receives)
+    payload, own = _encode(session.channel(stream, src, dst), x, full,
+                           ex.send_levels[0] if ex is not None and not full else None)
+    if ex is not None:
+        ex.sent([payload])
+    return payload, own, ex
+
+
 def _encode_gathered(session: Session, stream: str, group: Group, x: torch.Tensor,
                      full: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[Exchange]]:
     """Encode this rank's stream of an all-gather stage (at its budgeted level): payload, own reconstruction."""
     size, rank = group_size(group), group_rank(group)
-    me = global_rank(group, rank)
-    ex = _budget(session, stream, tuple(x.shape), x.dtype, full, [(me, None)],
-                 [(global_rank(group, j), None) for j in range(size) if j != rank])
-    channel = session.channel(stream, me)
-    if ex is not None and not full:
-        channel.codec_state["level"] = ex.send_levels[0]
-    payload, own = channel.encode(x, full)
-    if ex is not None:
-        ex.sent([payload])
-    return payload, own, ex
+    return _encode_stream(session, stream, x, full, global_rank(group, rank), None,
+                          [(global_rank(group, j), None) for j in range(size) if j != rank])
 
 
 class _GatherStage:
@@ -188,7 +199,8 @@ class _ChunkStage:
         self.budget = _budget(session, stream, tuple(chunks[0].shape), chunks[0].dtype, full,
                               [(me, g) for g in peers], [(g, me) for g in peers])
         levels = iter(self.budget.send_levels if self.budget is not None and not full else ())
-        payloads = [None if j == rank else self._encode(chunk, global_rank(group, j), next(levels, None))
+        payloads = [None if j == rank else
+                    _encode(session.channel(stream, me, global_rank(group, j)), chunk, full, next(levels, None))[0]
                     for j, chunk in enumerate(chunks)]
         what = f"all_to_all of {stream!r}"
         self.transfer: Transfer
@@ -210,19 +222,13 @@ class _ChunkStage:
             self.recv = list(self.rows)
             self.sent = (size - 1) * nbytes
 
-    def _encode(self, chunk: torch.Tensor, dst: int, level: Optional[int]) -> torch.Tensor:
-        channel = self.session.channel(self.stream, self.me, dst)
-        if level is not None:  # the budget's level for this stream
-            channel.codec_state["level"] = level
-        return channel.encode(chunk, self.full)[0]
-
     def received(self) -> list[torch.Tensor]:
         """The received chunks (own chunk exact), decoded through the receivers' channels."""
         self.transfer.wait()
         session, chunks, rank = self.session, self.chunks, self.rank
         shape, dtype = tuple(chunks[0].shape), chunks[0].dtype
         if self.full:
-            others = torch.cat([self.rows[:rank], self.rows[rank + 1:]])
+            others = torch.cat([self.rows[:rank, :HEADER_NBYTES], self.rows[rank + 1:, :HEADER_NBYTES]])  # the headers
             verify_headers(others, session, self.stream, self.group, dtype, chunks[0].numel())
         if self.budget is not None:
             self.budget.received([p for j, p in enumerate(self.recv) if j != rank])
@@ -377,16 +383,10 @@ def start_compressed_ring_exchange(x: torch.Tensor, group: Group, session: Sessi
     ranks = group_ranks(group)
     stream = session.stream(key, ranks)  # the key's streams on this group
     full = session.prepare(stream, shape, x.dtype)
-    ex = _budget(session, stream, shape, x.dtype, full, [(me, nxt)], [(prv, me)])
-    channel = session.channel(stream, me, nxt)
-    if ex is not None and not full:
-        channel.codec_state["level"] = ex.send_levels[0]
-    payload, _ = channel.encode(x, full)
+    payload, _, ex = _encode_stream(session, stream, x, full, me, nxt, [(prv, me)])
     what, sent = f"ring_exchange of {stream!r}", payload.numel()
     varlen = session.compressor.variable_size and not full
     recv: Optional[torch.Tensor] = None
-    if ex is not None:
-        ex.sent([payload])
     if ex is not None and not full:  # the size every rank knows: one exchange
         recv = payload.new_empty(ex.receive_nbytes(0)[0])
         transfer = start_exchange_ring(payload, recv, nxt, prv, group, session.timeout_s, what)
