@@ -105,7 +105,7 @@ def quantize(t: torch.Tensor, kind: str) -> QuantBase:
 def dequantize(q: QuantBase) -> torch.Tensor:
     """The float32 values of an 8-bit base."""
     codes = q.codes if q.kind == "int8" else q.codes.view(torch.float8_e4m3fn)
-    values = saturate_(codes.float() * q.scales[:, None])  # 127 * (amax / 127) may round past float32's max
+    values = saturate_(codes.float().mul_(q.scales[:, None]))  # 127 * (amax / 127) may round past float32's max
     return values.view(-1)[: q.numel()].view(q.shape)
 
 
