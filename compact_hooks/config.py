@@ -72,6 +72,8 @@ class CompactConfig(_Block):
     # DistriFusion's schedule on the compressed exchange: each call's exchange is used one step later
     stale: bool = False  # see compact_hooks/hooks/stale_compact.py
     stale_fresh_roles: list[str] = Field(default_factory=lambda: ["o"])  # roles exchanged fresh under stale
+    # relay rings: per call site, send plain when measured times say the codec costs more than it saves
+    plain_when_faster: bool = False  # see compact_hooks/collectives/relay_choice.py
 
     @field_validator("timeout_s", mode="before")
     @classmethod
@@ -130,16 +132,19 @@ class CompactConfig(_Block):
     @model_validator(mode="after")
     def _budget_fits(self) -> "CompactConfig":
         """``auto`` with a byte budget sizes each step from the last step's decoded norms, which the
-        stale schedule decodes only in the next step."""
-        if not self.stale:
+        stale schedule decodes only in the next step, and shares bytes across call sites, which
+        ``plain_when_faster`` may send plain."""
+        if not (self.stale or self.plain_when_faster):
             return self
+        why = ("which \"stale\": true decodes only in the next step" if self.stale else
+               "and shares the bytes across call sites, which \"plain_when_faster\": true may send plain")
         for where, spec in [("compressor", self.compressor)] + [
                 (f"rules[{i}].compressor", rule.compressor) for i, rule in enumerate(self.rules)
                 if not rule.plain and rule.compressor is not None]:
             if getattr(build_compressor(spec), "budgeted", False):
                 raise ConfigError(where, "compressor 'auto' with a byte budget (target_ratio / bytes_of) sizes each "
-                                  "step from the previous step's decoded payloads, which \"stale\": true decodes only "
-                                  "in the next step; use a fixed codec (e.g. \"int2\") or auto's target_rel_error")
+                                  f"step from the previous step's decoded payloads, {why}; use a fixed codec "
+                                  "(e.g. \"int2\") or auto's target_rel_error")
         return self
 
     def build_compressor(self):

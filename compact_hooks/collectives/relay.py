@@ -31,6 +31,7 @@ the hop is waited (keys ``<key>.hop1``, ``.hop2``, ...: today's synchronous per-
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -41,6 +42,7 @@ from ..stats import KeyStats
 from ..work import CollectiveWork
 from .plain import all_gather, global_rank, group_rank, group_size, plain_bytes
 from .protocol import maybe_verify, verify_headers
+from .relay_choice import CodecClock
 from .transport import SIZE_NBYTES, Group, Transfer, gather_lengths, group_ranks, start_transfer
 
 
@@ -164,12 +166,13 @@ def start_plain_relay(x: torch.Tensor, group: Group, timeout_s: Optional[float] 
     return start_forward_relay([send], group, timeout_s, "relay ring", lambda hop: [torch.empty_like(send)], decode)
 
 
-def start_compressed_relay(x: torch.Tensor, group: Group, session: Session, key: str) -> Relay:
+def start_compressed_relay(x: torch.Tensor, group: Group, session: Session, key: str,
+                           clock: Optional[CodecClock] = None) -> Relay:
     """The compressed relay of ``x`` (see the module): encoded once by this rank, forwarded unchanged,
     decoded by every receiver against its base of the source. Stats per hop under ``key.hopN``
     (``ring_exchange``: raw = the plain hop's bytes, wire = the payload forwarded); the error sample
     (``error_every``) compares every hop's block with the exact source block (one plain all-gather);
-    ``maybe_verify`` runs at the last hop."""
+    ``maybe_verify`` runs at the last hop. ``clock`` (``plain_when_faster``) times the encode and decodes."""
     size = group_size(group)
     if size == 1:
         return Relay(group, [])
@@ -177,7 +180,10 @@ def start_compressed_relay(x: torch.Tensor, group: Group, session: Session, key:
     rank, ranks = group_rank(group), group_ranks(group)
     stream = session.stream(key, ranks)
     full = session.prepare(stream, shape, dtype)
-    payload, _ = session.channel(stream, global_rank(group, rank)).encode(x, full)
+    with clock.timing(x.device) if clock is not None else nullcontext():
+        payload, _ = session.channel(stream, global_rank(group, rank)).encode(x, full)
+    if clock is not None:
+        clock.full, clock.payload_nbytes = full, payload.numel()
     what = f"relay ring of {stream!r}"
     varlen = session.compressor.variable_size and not full
     lengths = (gather_lengths(payload.numel(), group, session.timeout_s, what, payload.device) if varlen
@@ -192,7 +198,10 @@ def start_compressed_relay(x: torch.Tensor, group: Group, session: Session, key:
         recv = received[0]
         if full and hop == 1:
             verify_headers(recv.unsqueeze(0), session, stream, group, dtype, x.numel())
-        block = session.channel(stream, global_rank(group, src)).decode(recv, shape, dtype, full)
+        with clock.timing(x.device) if clock is not None else nullcontext():
+            block = session.channel(stream, global_rank(group, src)).decode(recv, shape, dtype, full)
+        if clock is not None:
+            clock.hops += 1
         sent = lengths[(rank - hop + 1) % size] + (SIZE_NBYTES if varlen and hop == 1 else 0)
         ks = session.stats.record(hop_key(key, hop), "ring_exchange", plain_bytes("ring_exchange", nbytes, size),
                                   sent, full, ranks)

@@ -8,6 +8,7 @@ import torch
 
 from .. import collectives as C
 from ..collectives.relay import Relay, hop_key, start_compressed_relay, start_plain_relay
+from ..collectives.relay_choice import RelayChoice
 from ..config import CompactConfig, load_config
 from ..hook import CollectiveCall, CommHook
 from ..policy import CallSite, first_match, rules_fingerprint
@@ -36,6 +37,10 @@ class CompactHook(CommHook):
         self.topology: Optional[Topology] = Topology() if any(r.match.link for r in self.config.rules) else None
         if self.config.rules:
             self._handshake["rules"] = rules_fingerprint(self.config.rules)
+        # plain_when_faster: per relay call site, plain or compressed from measured times (one decision collective)
+        self.relay_choice: Optional[RelayChoice] = RelayChoice() if self.config.plain_when_faster else None
+        if self.relay_choice is not None:
+            self._handshake["plain_when_faster"] = True
 
     def start(self, call: CollectiveCall) -> CollectiveWork:
         """Encode now and start the transfer; the work's ``wait()`` decodes (see :mod:`compact_hooks.work`).
@@ -89,14 +94,19 @@ class CompactHook(CommHook):
         C.agree_on_tensor(self.session, call.group, key, "ring_exchange", x)
         link = self.topology.link_class(call.group) if self.topology is not None else None
         session = self.session_for(key, "ring_exchange", size, link)
+        plain, clock = False, None
         if (session is None or "ring_exchange" not in self.collectives or not x.is_floating_point()
                 or x.numel() == 0 or x.dtype not in FLOAT_DTYPES or session.is_lossless(x.dtype)
                 or C.plain_is_cheaper(session, "ring_exchange", x, size)):
+            plain = True
+        elif self.relay_choice is not None:
+            plain, clock = self.relay_choice.clock_for(key, call.group, x, session.timeout_s)
+        if plain:
             nbytes = x.numel() * x.element_size()
             relay = start_plain_relay(x, call.group, self.session.timeout_s, lambda hop: self.session.stats.record(
                 hop_key(key, hop), "ring_exchange", nbytes, nbytes, False, ranks, plain=True))
         else:
-            relay = start_compressed_relay(x, call.group, session, key)
+            relay = start_compressed_relay(x, call.group, session, key, clock)
         if relay.last is not None:
             self.outstanding().add((key, ranks), relay.last, key)
         return relay
@@ -158,6 +168,8 @@ class CompactHook(CommHook):
         self.check_idle("reset()")
         for session in self.sessions():
             session.reset()
+        if self.relay_choice is not None:  # measured again
+            self.relay_choice = RelayChoice()
 
     def stats(self) -> dict[str, Any]:
         sessions = self.sessions()
@@ -168,4 +180,6 @@ class CompactHook(CommHook):
                    nonfinite=self.session.nonfinite() + sum(s.nonfinite() - s.stats.nonfinite for s in sessions[1:]))
         if self.config.rules:
             out["rules"] = {str(i): s.compressor.spec() for i, s in self.rule_sessions.items()}
+        if self.relay_choice is not None:
+            out["relay_choice"] = self.relay_choice.as_dict()
         return out
