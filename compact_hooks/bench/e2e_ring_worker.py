@@ -10,10 +10,12 @@ mode="ring")``) with every method on the same inputs and seed (see :data:`RING_M
 * ``ring``: uncompressed relay ring, the next hop in flight while a block's attention runs;
 * ``compact_int2_sync``: int2 with error feedback on the per-hop path (exchange a hop, then compute;
   each hop re-encodes the block it decoded): the synchronous path, kept for comparison;
-* ``compact_int2``: int2 relay ring (encoded once per step, forwarded unchanged, one hop ahead);
+* ``compact_int2_always``: int2 relay ring (encoded once per step, forwarded unchanged, one hop ahead);
+* ``compact_int2``: the same with ``"plain_when_faster": true`` (each call site measures its codec time
+  against the link and sends the plain relay from step 2 on where that is faster);
 * ``stale`` / ``stale_int2``: the previous step's K/V (DistriFusion), uncompressed / int2 compressed.
 
-With ``--probe`` (the fastest rate's job) the two int2 methods run once more, untimed, with every
+With ``--probe`` (the fastest rate's job) the per-hop and the relay int2 methods run once more, untimed, with every
 relay's blocks compared to the exact source blocks (a plain all-gather of each K/V): the relative
 error of the block received at the first and at the last hop, averaged over layers, steps and ranks.
 Rank 0 writes the raw measurements as JSON to ``--result``.
@@ -51,11 +53,12 @@ from .e2e_worker import (
 RING_METHODS: dict[str, tuple[dict[str, Any], bool]] = {
     "ring": ({"hook": "passthrough"}, False),
     "compact_int2_sync": ({"compressor": "int2"}, True),
-    "compact_int2": ({"compressor": "int2"}, False),
+    "compact_int2_always": ({"compressor": "int2"}, False),
+    "compact_int2": ({"compressor": "int2", "plain_when_faster": True}, False),
     "stale": ({"hook": "stale"}, False),
     "stale_int2": ({"compressor": "int2", "stale": True}, False),
 }
-PROBED = ("compact_int2_sync", "compact_int2")
+PROBED = ("compact_int2_sync", "compact_int2_always")
 
 
 class PerHopRing(WrappingHook):
@@ -122,6 +125,9 @@ def measure(bench: Bench, name: str, hook: CommHook, steps: Optional[int] = None
            "decode_s_mean": per_rank["decode"],
            "encode_s": codec.encode.seconds if codec else 0.0, "decode_s": codec.decode.seconds if codec else 0.0,
            "encode_calls": codec.encode.calls if codec else 0, "decode_calls": codec.decode.calls if codec else 0}
+    if "relay_choice" in stats:  # plain_when_faster: the call sites sent plain (rank 0's view; every rank agrees)
+        row["plain_sites"] = sum(bool(c["plain"]) for c in stats["relay_choice"].values())
+        row["chosen_sites"] = len(stats["relay_choice"])
     progress(bench, f"{name}: {run.latency_s:.2f} s, {per_rank['wire'] / steps / 1e6:.3f} MB/step/rank")
     return row, run
 
