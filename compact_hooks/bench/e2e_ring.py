@@ -10,7 +10,7 @@ run one mpirun of :mod:`compact_hooks.bench.e2e_ring_worker`: ``compute_only``, 
 (uncompressed, overlapped one hop ahead), ``compact_int2_sync`` (the per-hop path: exchange, then
 compute, each hop re-encoded), ``compact_int2_always`` (the relay ring: encoded once, forwarded
 unchanged, one hop ahead), ``compact_int2`` (that relay with ``"plain_when_faster": true``: a call site
-whose measured codec time exceeds what it saves on the link sends the plain relay from step 2 on),
+where the plain relay measured faster sends it from then on),
 ``stale`` and ``stale_int2`` (the previous step's K/V, uncompressed / int2). Per rate:
 latency per image, wire bytes per step, PSNR of the final latent against ``ring``, and for the
 compressed rows ``hidden_comm_fraction``: the share of the row's exchange time (its wire bytes at the
@@ -165,7 +165,7 @@ def format_result(result: dict[str, Any]) -> str:
         chosen = next((x for x in r["methods"] if x["name"] == "compact_int2" and "chosen_sites" in x), None)
         if chosen is not None:
             lines.append(f"compact_int2 (plain_when_faster) sent {chosen['plain_sites']} of {chosen['chosen_sites']} "
-                         "call sites plain from step 2 on")
+                         "call sites plain")
         if r.get("missing_methods"):
             lines.append(f"not run (hook not available): {', '.join(r['missing_methods'])}")
         parts.append("\n".join(lines))

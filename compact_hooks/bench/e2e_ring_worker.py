@@ -11,8 +11,8 @@ mode="ring")``) with every method on the same inputs and seed (see :data:`RING_M
 * ``compact_int2_sync``: int2 with error feedback on the per-hop path (exchange a hop, then compute;
   each hop re-encodes the block it decoded): the synchronous path, kept for comparison;
 * ``compact_int2_always``: int2 relay ring (encoded once per step, forwarded unchanged, one hop ahead);
-* ``compact_int2``: the same with ``"plain_when_faster": true`` (each call site measures its codec time
-  against the link and sends the plain relay from step 2 on where that is faster);
+* ``compact_int2``: the same with ``"plain_when_faster": true`` (each call site times its relay
+  compressed and, unless the link is too slow for plain to win, plain once; it keeps the faster);
 * ``stale`` / ``stale_int2``: the previous step's K/V (DistriFusion), uncompressed / int2 compressed.
 
 With ``--probe`` (the fastest rate's job) the per-hop and the relay int2 methods run once more, untimed, with every

@@ -31,7 +31,6 @@ the hop is waited (keys ``<key>.hop1``, ``.hop2``, ...: today's synchronous per-
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -42,7 +41,6 @@ from ..stats import KeyStats
 from ..work import CollectiveWork
 from .plain import all_gather, global_rank, group_rank, group_size, plain_bytes
 from .protocol import maybe_verify, verify_headers
-from .relay_choice import CodecClock
 from .transport import SIZE_NBYTES, Group, Transfer, gather_lengths, group_ranks, start_transfer
 
 
@@ -54,11 +52,12 @@ def hop_key(key: Optional[str], hop: int) -> Optional[str]:
 class Relay:
     """The ``P - 1`` hop works of one relayed tensor, taken in order with :meth:`next` (or iterated)."""
 
-    def __init__(self, group: Group, works: Sequence[CollectiveWork]) -> None:
+    def __init__(self, group: Group, works: Sequence[CollectiveWork], full: bool = False) -> None:
         self.group = group
         self.size = group_size(group)
         self.rank = group_rank(group)
         self.works = list(works)
+        self.full = full  # a compressed relay's full send (the key's first, or a warm-up step)
         self._taken = 0
 
     def source(self, hop: int) -> int:
@@ -166,13 +165,12 @@ def start_plain_relay(x: torch.Tensor, group: Group, timeout_s: Optional[float] 
     return start_forward_relay([send], group, timeout_s, "relay ring", lambda hop: [torch.empty_like(send)], decode)
 
 
-def start_compressed_relay(x: torch.Tensor, group: Group, session: Session, key: str,
-                           clock: Optional[CodecClock] = None) -> Relay:
+def start_compressed_relay(x: torch.Tensor, group: Group, session: Session, key: str) -> Relay:
     """The compressed relay of ``x`` (see the module): encoded once by this rank, forwarded unchanged,
     decoded by every receiver against its base of the source. Stats per hop under ``key.hopN``
     (``ring_exchange``: raw = the plain hop's bytes, wire = the payload forwarded); the error sample
     (``error_every``) compares every hop's block with the exact source block (one plain all-gather);
-    ``maybe_verify`` runs at the last hop. ``clock`` (``plain_when_faster``) times the encode and decodes."""
+    ``maybe_verify`` runs at the last hop."""
     size = group_size(group)
     if size == 1:
         return Relay(group, [])
@@ -180,10 +178,7 @@ def start_compressed_relay(x: torch.Tensor, group: Group, session: Session, key:
     rank, ranks = group_rank(group), group_ranks(group)
     stream = session.stream(key, ranks)
     full = session.prepare(stream, shape, dtype)
-    with clock.timing(x.device) if clock is not None else nullcontext():
-        payload, _ = session.channel(stream, global_rank(group, rank)).encode(x, full)
-    if clock is not None:
-        clock.full, clock.payload_nbytes = full, payload.numel()
+    payload, _ = session.channel(stream, global_rank(group, rank)).encode(x, full)
     what = f"relay ring of {stream!r}"
     varlen = session.compressor.variable_size and not full
     lengths = (gather_lengths(payload.numel(), group, session.timeout_s, what, payload.device) if varlen
@@ -198,10 +193,7 @@ def start_compressed_relay(x: torch.Tensor, group: Group, session: Session, key:
         recv = received[0]
         if full and hop == 1:
             verify_headers(recv.unsqueeze(0), session, stream, group, dtype, x.numel())
-        with clock.timing(x.device) if clock is not None else nullcontext():
-            block = session.channel(stream, global_rank(group, src)).decode(recv, shape, dtype, full)
-        if clock is not None:
-            clock.hops += 1
+        block = session.channel(stream, global_rank(group, src)).decode(recv, shape, dtype, full)
         sent = lengths[(rank - hop + 1) % size] + (SIZE_NBYTES if varlen and hop == 1 else 0)
         ks = session.stats.record(hop_key(key, hop), "ring_exchange", plain_bytes("ring_exchange", nbytes, size),
                                   sent, full, ranks)
@@ -215,7 +207,9 @@ def start_compressed_relay(x: torch.Tensor, group: Group, session: Session, key:
             maybe_verify(session, stream, group)
         # a copy: the caller may change the block in place, the receiver's base must not change with it
         return block.clone()
-    return start_forward_relay([payload], group, session.timeout_s, what, buffers, decode, x.device)
+    relay = start_forward_relay([payload], group, session.timeout_s, what, buffers, decode, x.device)
+    relay.full = full
+    return relay
 
 
 class _Started:

@@ -1,67 +1,66 @@
 """Plain or compressed, per relay-ring call site: ``"plain_when_faster": true``.
 
-On a fast link an uncompressed hop can take less time than the codec costs (on CPU an int2 encode
-and ``P - 1`` decodes of a K/V block take longer than 1 Gbit/s moves its bytes), and then
-compressing makes the run slower. With ``plain_when_faster`` a :class:`~compact_hooks.hooks.CompactHook`
-measures and decides, once per relay call site (key and group), for the rest of its life:
+On a fast link the plain relay can be the faster one: the codec's encode and ``P - 1`` decodes sit on
+the ring's critical path (each hop waits for the previous rank's), while the bytes they save take
+little time to move. Measured in ``bench e2e --mode ring`` at 1 Gbit/s on CPU the int2 relay was 1.37x
+slower than the plain one. With ``plain_when_faster`` a :class:`~compact_hooks.hooks.CompactHook`
+measures and decides once per relay call site (key and group), for the rest of its life:
 
-1. the site's first compressed (not full) relay runs as usual while a :class:`CodecClock` times this
-   rank's encode and decodes (CUDA synchronized around each, on that one step only);
-2. at the site's next relay, every rank of the group estimates both ways: the link's seconds per
-   byte from one timed ring hop of :data:`PROBE_NBYTES` (once per group), times the ``P - 1`` hops of
-   the plain block, against the codec seconds plus the hops of the payload. The ranks all-gather
-   their estimates and sum them in rank order, so every rank takes the same choice: plain when the
-   plain sum is not larger.
+1. the site's first compressed (not full) relay runs as usual and its span is timed: from the start
+   of the relay (before the encode) until its last hop is decoded, the caller's compute between hops
+   included (:class:`Span`);
+2. at its next relay every rank all-gathers a lower bound of the plain relay's time (the ``P - 1``
+   hops of the plain block at the link's seconds per byte, from one timed ring hop of
+   :data:`PROBE_NBYTES` per group) and its compressed span. When the bound's sum exceeds the spans'
+   sum the site stays compressed (slow links decide here, with no plain trial); otherwise this relay
+   is sent plain, as a trial, and its span is timed;
+3. at the relay after the trial the ranks all-gather both spans: the site sends plain from then on
+   when the plain spans' sum is not larger, else compressed.
 
-A plain site sends the plain relay (exact, counted as plain) from then on; its residual bases are
-no longer used. The rule counts transfers as if nothing hid them: where a plain hop would hide
-entirely behind the attention of a block, plain may win by more than the rule credits it.
+Every rank sums the gathered values in rank order, so all take the same choice. A plain relay does not
+touch the site's residual stream: sender and receivers keep the bases of its last compressed relay, so
+the stream resumes in lock step after a trial. Spans are wall-clock times (on CUDA without a
+synchronize: the caller's own syncs bound them).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from .plain import all_gather, global_rank, group_rank, group_size
+from .relay import Relay
 from .transport import Group, group_ranks, start_exchange_ring
 
 PROBE_NBYTES = 256 * 1024  # one timed ring hop per group: 0.1 s at 20 Mbit/s, 2 ms at 1 Gbit/s
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
-class CodecClock:
-    """Seconds one rank spent in one relay's encode and decodes, and whether that relay was full."""
+class Span:
+    """The wall time of one relay, from its start to its last hop's decode; ``full``: it was a full send."""
 
-    seconds: float = 0.0
-    payload_nbytes: int = 0
+    start: float = field(default_factory=time.perf_counter)
+    seconds: Optional[float] = None
     full: bool = False
-    hops: int = 0  # decodes timed (the relay's P - 1 when it was waited to the end)
 
-    @contextmanager
-    def timing(self, device: torch.device) -> Iterator[None]:
-        _sync(device)
-        start = time.perf_counter()
-        yield
-        _sync(device)
-        self.seconds += time.perf_counter() - start
+    def watch(self, relay: Relay) -> None:
+        """End the span when ``relay``'s last hop is decoded."""
+        if relay.last is not None:
+            relay.last.add_done_callback(self._end)
+
+    def _end(self) -> None:
+        self.seconds = time.perf_counter() - self.start
 
 
 @dataclass
 class SiteChoice:
-    """One call site's measurement and, once taken, its choice."""
+    """One call site's measurements and, once taken, its choice."""
 
-    clock: Optional[CodecClock] = None
+    compressed: Optional[Span] = None
+    plain_trial: Optional[Span] = None
     plain: Optional[bool] = None
     estimates: dict[str, float] = field(default_factory=dict)
 
@@ -71,15 +70,23 @@ def probe_link(group: Group, timeout_s: Optional[float], device: torch.device, n
     receiving from the previous), after a one-byte hop that lines the ranks up."""
     size, rank = group_size(group), group_rank(group)
     nxt, prv = global_rank(group, (rank + 1) % size), global_rank(group, (rank - 1) % size)
+    seconds = 0.0
     for n in (1, nbytes):
         send = torch.zeros(n, dtype=torch.uint8, device=device)
         recv = torch.empty_like(send)
-        _sync(device)
         start = time.perf_counter()
         start_exchange_ring(send, recv, nxt, prv, group, timeout_s, "the link probe of plain_when_faster").wait()
-        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
     return seconds / nbytes
+
+
+def summed(values: list[float], group: Group, device: torch.device, timeout_s: Optional[float]) -> list[float]:
+    """Each of ``values`` summed over the group's ranks, in rank order (the same floats on every rank)."""
+    mine = torch.tensor([values], dtype=torch.float64, device=device)
+    every = all_gather(mine, group, 0, timeout_s).cpu()
+    return [sum(float(v) for v in every[:, j]) for j in range(len(values))]
 
 
 class RelayChoice:
@@ -89,35 +96,40 @@ class RelayChoice:
         self.sites: dict[tuple[str, tuple[int, ...]], SiteChoice] = {}
         self.seconds_per_byte: dict[tuple[int, ...], float] = {}
 
-    def clock_for(self, key: str, group: Group, x: torch.Tensor, timeout_s: Optional[float]) -> tuple[bool, Optional[CodecClock]]:
-        """Before a compressed relay of ``x`` on ``key``: whether to send it plain, else the clock to
-        time it with (``None``: nothing to measure). Takes the site's choice when its measurement is in
-        (every rank of the group calls this in the same order, as any collective)."""
+    def before(self, key: str, group: Group, x: torch.Tensor, timeout_s: Optional[float]) -> tuple[bool, Optional[Span]]:
+        """Before a relay of ``x`` on ``key`` that would be compressed: whether to send it plain, and the
+        span to time it with (``None``: nothing to measure; :meth:`Span.watch` the relay). Every rank of
+        the group calls this in the same order, as any collective."""
         site = self.sites.setdefault((key, group_ranks(group)), SiteChoice())
         if site.plain is not None:
             return site.plain, None
-        if site.clock is not None and not site.clock.full and site.clock.hops == group_size(group) - 1:
-            site.plain = self._decide(site, group, x, timeout_s)
-            return site.plain, None
-        site.clock = CodecClock()  # the first call, or a full one: measure (again)
-        return False, site.clock
+        measured = site.compressed
+        if measured is None or measured.full or measured.seconds is None:  # first call, or a full send
+            site.compressed = Span()
+            return False, site.compressed
+        if site.plain_trial is None:
+            ranks = group_ranks(group)
+            if ranks not in self.seconds_per_byte:
+                self.seconds_per_byte[ranks] = probe_link(group, timeout_s, x.device)
+            bound = (group_size(group) - 1) * x.numel() * x.element_size() * self.seconds_per_byte[ranks]
+            plain_bound, compressed = summed([bound, measured.seconds], group, x.device, timeout_s)
+            if plain_bound > compressed:  # plain cannot win: no trial
+                return self._take(site, False, plain_bound_s=plain_bound, compressed_s=compressed), None
+            site.plain_trial = Span()
+            return True, site.plain_trial
+        trial = site.plain_trial.seconds if site.plain_trial.seconds is not None else float("inf")
+        plain, compressed = summed([trial, measured.seconds], group, x.device, timeout_s)
+        return self._take(site, plain <= compressed, plain_s=plain, compressed_s=compressed), None
 
-    def _decide(self, site: SiteChoice, group: Group, x: torch.Tensor, timeout_s: Optional[float]) -> bool:
-        ranks = group_ranks(group)
-        if ranks not in self.seconds_per_byte:
-            self.seconds_per_byte[ranks] = probe_link(group, timeout_s, x.device)
-        per_byte, hops = self.seconds_per_byte[ranks], group_size(group) - 1
-        assert site.clock is not None
-        mine = torch.tensor([[hops * x.numel() * x.element_size() * per_byte,
-                              site.clock.seconds + hops * site.clock.payload_nbytes * per_byte]], dtype=torch.float64)
-        every = all_gather(mine.to(x.device), group, 0, timeout_s).cpu()
-        plain_s, compressed_s = (sum(float(v) for v in every[:, j]) for j in range(2))  # rank order: same sums
-        site.estimates = {"plain_s": plain_s, "compressed_s": compressed_s}
-        return plain_s <= compressed_s
+    @staticmethod
+    def _take(site: SiteChoice, plain: bool, **estimates: float) -> bool:
+        site.plain, site.estimates = plain, estimates
+        return plain
 
     def as_dict(self) -> dict[str, Any]:
-        """The taken choices: ``{key: {"plain": bool, "plain_s", "compressed_s"}}`` (summed over the
-        group's ranks; ``key@ranks`` for a key used on several groups)."""
+        """The taken choices: ``{key: {"plain": bool, <seconds summed over the group's ranks>}}``
+        (``plain_bound_s`` when no trial was needed, ``plain_s`` after one; ``key@ranks`` for a key
+        used on several groups)."""
         keys = [key for key, _ in self.sites]
         return {(key if keys.count(key) == 1 else f"{key}@{','.join(map(str, ranks))}"):
                 {"plain": site.plain, **site.estimates}

@@ -94,19 +94,22 @@ class CompactHook(CommHook):
         C.agree_on_tensor(self.session, call.group, key, "ring_exchange", x)
         link = self.topology.link_class(call.group) if self.topology is not None else None
         session = self.session_for(key, "ring_exchange", size, link)
-        plain, clock = False, None
+        plain, span = False, None
         if (session is None or "ring_exchange" not in self.collectives or not x.is_floating_point()
                 or x.numel() == 0 or x.dtype not in FLOAT_DTYPES or session.is_lossless(x.dtype)
                 or C.plain_is_cheaper(session, "ring_exchange", x, size)):
             plain = True
         elif self.relay_choice is not None:
-            plain, clock = self.relay_choice.clock_for(key, call.group, x, session.timeout_s)
+            plain, span = self.relay_choice.before(key, call.group, x, session.timeout_s)
         if plain:
             nbytes = x.numel() * x.element_size()
             relay = start_plain_relay(x, call.group, self.session.timeout_s, lambda hop: self.session.stats.record(
                 hop_key(key, hop), "ring_exchange", nbytes, nbytes, False, ranks, plain=True))
         else:
-            relay = start_compressed_relay(x, call.group, session, key, clock)
+            relay = start_compressed_relay(x, call.group, session, key)
+        if span is not None:  # plain_when_faster measures this relay
+            span.full = relay.full
+            span.watch(relay)
         if relay.last is not None:
             self.outstanding().add((key, ranks), relay.last, key)
         return relay
