@@ -50,6 +50,8 @@ METHODS: list[tuple[str, dict[str, Any]]] = [
     ("compact int2", {"compressor": "int2", "residual": "ef"}),  # the default first step: int8
     ("compact int2 full first step", {"compressor": "int2", "residual": "ef", "warmup_compressor": None}),
     ("compact int2 base int8", {"compressor": "int2", "residual": "ef", "base_dtype": "int8"}),  # 8-bit bases
+    # second-order error feedback (a velocity base) and an int4 first step: FP8's quality at 1/3.5 of its bytes
+    ("compact int2 ef2", {"compressor": "int2", "residual": "ef2", "warmup_compressor": "int4"}),
     ("compact auto", {"compressor": {"name": "auto", "target_rel_error": 0.06}, "residual": "ef"}),
     # auto with a byte budget: each fixed codec's own bytes, allocated per step across call sites (issue 24)
     ("auto at int1 bytes", {"compressor": {"name": "auto", "bytes_of": "int1"}, "residual": "ef"}),
