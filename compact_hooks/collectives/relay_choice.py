@@ -19,8 +19,8 @@ measures and decides once per relay call site (key and group), for the rest of i
 
 Every rank sums the gathered values in rank order, so all take the same choice. A plain relay does not
 touch the site's residual stream: sender and receivers keep the bases of its last compressed relay, so
-the stream resumes in lock step after a trial. Spans are wall-clock times (on CUDA without a
-synchronize: the caller's own syncs bound them).
+the stream resumes in lock step after a trial. Spans are wall-clock times; on CUDA the device is
+synchronized at both ends of the two measured relays of a site (and around the link probe).
 """
 
 from __future__ import annotations
@@ -38,13 +38,24 @@ from .transport import Group, group_ranks, start_exchange_ring
 PROBE_NBYTES = 256 * 1024  # one timed ring hop per group: 0.1 s at 20 Mbit/s, 2 ms at 1 Gbit/s
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class Span:
-    """The wall time of one relay, from its start to its last hop's decode; ``full``: it was a full send."""
+    """The wall time of one relay, from its start to its last hop's decode (on CUDA the device is
+    synchronized at both ends); ``full``: it was a full send."""
 
-    start: float = field(default_factory=time.perf_counter)
+    device: torch.device
+    start: float = 0.0
     seconds: Optional[float] = None
     full: bool = False
+
+    def __post_init__(self) -> None:
+        _sync(self.device)
+        self.start = time.perf_counter()
 
     def watch(self, relay: Relay) -> None:
         """End the span when ``relay``'s last hop is decoded."""
@@ -52,6 +63,7 @@ class Span:
             relay.last.add_done_callback(self._end)
 
     def _end(self) -> None:
+        _sync(self.device)
         self.seconds = time.perf_counter() - self.start
 
 
@@ -74,10 +86,10 @@ def probe_link(group: Group, timeout_s: Optional[float], device: torch.device, n
     for n in (1, nbytes):
         send = torch.zeros(n, dtype=torch.uint8, device=device)
         recv = torch.empty_like(send)
+        _sync(device)
         start = time.perf_counter()
         start_exchange_ring(send, recv, nxt, prv, group, timeout_s, "the link probe of plain_when_faster").wait()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _sync(device)
         seconds = time.perf_counter() - start
     return seconds / nbytes
 
@@ -105,7 +117,7 @@ class RelayChoice:
             return site.plain, None
         measured = site.compressed
         if measured is None or measured.full or measured.seconds is None:  # first call, or a full send
-            site.compressed = Span()
+            site.compressed = Span(x.device)
             return False, site.compressed
         if site.plain_trial is None:
             ranks = group_ranks(group)
@@ -115,7 +127,7 @@ class RelayChoice:
             plain_bound, compressed = summed([bound, measured.seconds], group, x.device, timeout_s)
             if plain_bound > compressed:  # plain cannot win: no trial
                 return self._take(site, False, plain_bound_s=plain_bound, compressed_s=compressed), None
-            site.plain_trial = Span()
+            site.plain_trial = Span(x.device)
             return True, site.plain_trial
         trial = site.plain_trial.seconds if site.plain_trial.seconds is not None else float("inf")
         plain, compressed = summed([trial, measured.seconds], group, x.device, timeout_s)
