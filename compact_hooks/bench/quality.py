@@ -207,7 +207,8 @@ def run(steps: int = 20, seeds: tuple[int, ...] = (0, 1, 2), classes: tuple[int,
     rows = evaluate(results, None if model else list(classes), len(seeds))
     n_images = int(results[0]["uncompressed"]["images"].shape[0])
     result: dict[str, Any] = {
-        "model": Path(model).name if model else "embedded-flux-digits", "mode": "ulysses", "world_size": world,
+        "model": Path(model).name if model else "embedded-flux-digits", "weights": weights,  # --weights: its own
+        "mode": "ulysses", "world_size": world,
         "steps": steps, "seeds": list(seeds), "classes": None if model else list(classes),
         "images_per_method": n_images,
         "reference": "uncompressed", "lpips": LPIPS_NOTE, "lowrank": LOWRANK, "lowrank_r4": LOWRANK_SMALL, "methods": rows,
