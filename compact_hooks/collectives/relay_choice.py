@@ -15,7 +15,9 @@ measures and decides once per relay call site (key and group), for the rest of i
    sum the site stays compressed (slow links decide here, with no plain trial); otherwise this relay
    is sent plain, as a trial, and its span is timed;
 3. at the relay after the trial the ranks all-gather both spans: the site sends plain from then on
-   when the plain spans' sum is not larger, else compressed.
+   when the plain spans' sum is not larger, else compressed; the sums include the trials of the
+   group's sites that decided before it (one relay's span is a noisy sample; the sites of a group
+   are usually layers of one model and move the same shapes).
 
 Every rank sums the gathered values in rank order, so all take the same choice. A plain relay does not
 touch the site's residual stream: sender and receivers keep the bases of its last compressed relay, so
@@ -35,7 +37,7 @@ from .plain import all_gather, global_rank, group_rank, group_size
 from .relay import Relay
 from .transport import Group, group_ranks, start_exchange_ring
 
-PROBE_NBYTES = 256 * 1024  # one timed ring hop per group: 0.1 s at 20 Mbit/s, 2 ms at 1 Gbit/s
+PROBE_NBYTES = 64 * 1024  # one timed ring hop per group: 26 ms at 20 Mbit/s, 0.5 ms at 1 Gbit/s
 
 
 def _sync(device: torch.device) -> None:
@@ -79,19 +81,20 @@ class SiteChoice:
 
 def probe_link(group: Group, timeout_s: Optional[float], device: torch.device, nbytes: int = PROBE_NBYTES) -> float:
     """Seconds per byte of one ring hop of the group (every rank sends ``nbytes`` to the next while
-    receiving from the previous), after a one-byte hop that lines the ranks up."""
+    receiving from the previous): the time of that hop less the time of a one-byte hop (the latency;
+    it also lines the ranks up), over ``nbytes``."""
     size, rank = group_size(group), group_rank(group)
     nxt, prv = global_rank(group, (rank + 1) % size), global_rank(group, (rank - 1) % size)
-    seconds = 0.0
-    for n in (1, nbytes):
+    seconds: list[float] = []
+    for n in (1, 1, nbytes):
         send = torch.zeros(n, dtype=torch.uint8, device=device)
         recv = torch.empty_like(send)
         _sync(device)
         start = time.perf_counter()
         start_exchange_ring(send, recv, nxt, prv, group, timeout_s, "the link probe of plain_when_faster").wait()
         _sync(device)
-        seconds = time.perf_counter() - start
-    return seconds / nbytes
+        seconds.append(time.perf_counter() - start)
+    return max(seconds[2] - seconds[1], 0.0) / nbytes
 
 
 def summed(values: list[float], group: Group, device: torch.device, timeout_s: Optional[float]) -> list[float]:
@@ -107,6 +110,9 @@ class RelayChoice:
     def __init__(self) -> None:
         self.sites: dict[tuple[str, tuple[int, ...]], SiteChoice] = {}
         self.seconds_per_byte: dict[tuple[int, ...], float] = {}
+        # per group: the summed spans of every trial so far, (plain, compressed): each site's trial is one
+        # noisy sample, so a site decides on its own and its group's earlier trials together
+        self.trials: dict[tuple[int, ...], tuple[float, float]] = {}
 
     def before(self, key: str, group: Group, x: torch.Tensor, timeout_s: Optional[float]) -> tuple[bool, Optional[Span]]:
         """Before a relay of ``x`` on ``key`` that would be compressed: whether to send it plain, and the
@@ -131,7 +137,11 @@ class RelayChoice:
             return True, site.plain_trial
         trial = site.plain_trial.seconds if site.plain_trial.seconds is not None else float("inf")
         plain, compressed = summed([trial, measured.seconds], group, x.device, timeout_s)
-        return self._take(site, plain <= compressed, plain_s=plain, compressed_s=compressed), None
+        ranks = group_ranks(group)
+        before = self.trials.get(ranks, (0.0, 0.0))
+        self.trials[ranks] = (before[0] + plain, before[1] + compressed)
+        won = self.trials[ranks][0] <= self.trials[ranks][1]
+        return self._take(site, won, plain_s=plain, compressed_s=compressed), None
 
     @staticmethod
     def _take(site: SiteChoice, plain: bool, **estimates: float) -> bool:
