@@ -1,7 +1,7 @@
 """diffusers' native context parallelism (enable_parallelism) with every collective routed through a hook.
 
 A parity table on tiny random configs of the diffusers transformers with a ``_cp_plan`` that run on
-CPU (Flux, Flux2, Wan, QwenImage, LTX): for Ulysses 2, ring 2, unified 2x2 (4 ranks) and the uneven
+CPU (Flux, Flux2, Wan, QwenImage, LTX): for Ulysses 2, ring 2, unified 2x2 and ring 4 (4 ranks) and the uneven
 ``ulysses_anything`` / ``ring_anything``, PassthroughHook and the ``none`` codec give diffusers' own
 native result bit for bit, int8 and int2 with error feedback stay within bounds over 6 sampling
 steps, and no collective takes torch.distributed unchanged (``unrouted == 0``). One spawned process
@@ -40,7 +40,7 @@ LAYOUTS_2 = [
     # QwenImage builds a joint attention mask, which diffusers' ring_anything refuses.
     {"ring_degree": 2, "ring_anything": True, "text": 7, "families": ["flux", "flux2", "wan", "ltx"]},
 ]
-LAYOUTS_4 = [{"ulysses_degree": 2, "ring_degree": 2}]
+LAYOUTS_4 = [{"ulysses_degree": 2, "ring_degree": 2}, {"ring_degree": 4}]  # ring 4: three hops per block
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def _rows(table: dict, layout: str) -> dict:
     return rows
 
 
-@pytest.mark.parametrize("layout", ["ulysses_degree=2", "ring_degree=2", "ulysses_degree=2,ring_degree=2",
+@pytest.mark.parametrize("layout", ["ulysses_degree=2", "ring_degree=2", "ulysses_degree=2,ring_degree=2", "ring_degree=4",
                                     "ulysses_degree=2,ulysses_anything=True,text=7",
                                     "ring_degree=2,ring_anything=True,text=7"])
 def test_native_parity_table(table, layout):
