@@ -36,6 +36,22 @@ def tiny_wan(seed: int = 0) -> nn.Module:
         text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64))
 
 
+def tiny_chronoedit(seed: int = 0) -> nn.Module:
+    from diffusers import ChronoEditTransformer3DModel
+
+    return _seeded(seed, lambda: ChronoEditTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64))
+
+
+def tiny_helios(seed: int = 0) -> nn.Module:
+    from diffusers import HeliosTransformer3DModel
+
+    return _seeded(seed, lambda: HeliosTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=40, rope_dim=(4, 6, 6)))  # its _cp_plan names 40 blocks
+
+
 def tiny_qwenimage(seed: int = 0) -> nn.Module:
     from diffusers import QwenImageTransformer2DModel
 
@@ -70,7 +86,7 @@ def _inputs(family: str, model: nn.Module, x: torch.Tensor, t: float, seed: int 
         txt_ids = torch.cat([torch.zeros(text, 3), torch.arange(text).float()[:, None]], 1).unsqueeze(0)
         return dict(hidden_states=x, encoder_hidden_states=_randn(g, 1, text, 32), timestep=ts, img_ids=img_ids,
                     txt_ids=txt_ids, return_dict=False)
-    if family == "wan":
+    if family in ("wan", "chronoedit", "helios"):
         return dict(hidden_states=x, timestep=ts * 1000, encoder_hidden_states=_randn(g, 1, 8, 32), return_dict=False)
     if family == "qwenimage":
         return dict(hidden_states=x, encoder_hidden_states=_randn(g, 1, 8, 32),
@@ -84,13 +100,15 @@ def _inputs(family: str, model: nn.Module, x: torch.Tensor, t: float, seed: int 
 
 def _latents(family: str, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    shapes = {"flux": (1, 16, 16), "flux2": (1, 16, 16), "wan": (1, 4, 2, 8, 8), "qwenimage": (1, 16, 16),
+    shapes = {"flux": (1, 16, 16), "flux2": (1, 16, 16), "wan": (1, 4, 2, 8, 8), "chronoedit": (1, 4, 2, 8, 8),
+              "helios": (1, 4, 2, 8, 8), "qwenimage": (1, 16, 16),
               "ltx": (1, 32, 8)}
     return _randn(g, *shapes[family])
 
 
 BUILDERS: dict[str, Callable[[], nn.Module]] = {
-    "flux": lambda: tiny_flux(layers=1, single_layers=1), "flux2": tiny_flux2, "wan": tiny_wan,
+    "flux": lambda: tiny_flux(layers=1, single_layers=1), "flux2": tiny_flux2, "wan": tiny_wan, "chronoedit": tiny_chronoedit,
+    "helios": tiny_helios,
     "qwenimage": tiny_qwenimage, "ltx": tiny_ltx}
 
 

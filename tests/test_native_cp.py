@@ -1,7 +1,7 @@
 """diffusers' native context parallelism (enable_parallelism) with every collective routed through a hook.
 
 A parity table on tiny random configs of the diffusers transformers with a ``_cp_plan`` that run on
-CPU (Flux, Flux2, Wan, QwenImage, LTX): for Ulysses 2, ring 2, unified 2x2 and ring 4 (4 ranks) and the uneven
+CPU (Flux, Flux2, Wan, ChronoEdit, QwenImage, LTX; Helios in Ulysses 2 and ring 2): for Ulysses 2, ring 2, unified 2x2 and ring 4 (4 ranks) and the uneven
 ``ulysses_anything`` / ``ring_anything``, PassthroughHook and the ``none`` codec give diffusers' own
 native result bit for bit, int8 and int2 with error feedback stay within bounds over 6 sampling
 steps, and no collective takes torch.distributed unchanged (``unrouted == 0``). One spawned process
@@ -25,11 +25,14 @@ pytest.importorskip("diffusers")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FAMILIES = ["flux", "flux2", "wan", "qwenimage", "ltx"]
+FAMILIES = ["flux", "flux2", "wan", "chronoedit", "qwenimage", "ltx"]
 STEPS = 6
 # Largest relative L2 error of any step's model output against diffusers' native output (measured on
 # these configs: int8 <= 7e-4, int2 <= 4e-3; bounds leave 3-5x room).
 BOUNDS = {"int8": 3e-3, "int2": 2e-2}
+# Helios: its _cp_plan names 40 blocks, so the tiny config has 40 and the error adds up over them
+# (measured: int8 <= 2.4e-3, int2 <= 1.4e-2)
+FAMILY_BOUNDS = {"helios": {"int8": 1e-2, "int2": 5e-2}}
 # Compression ratio over the run (first step full sends included): int8 ~3.4-3.9, int2 ~7-10.
 MIN_RATIO = {"int8": 3.0, "int2": 6.0}
 
@@ -38,7 +41,10 @@ LAYOUTS_2 = [
     {"ring_degree": 2},
     {"ulysses_degree": 2, "ulysses_anything": True, "text": 7},
     # QwenImage builds a joint attention mask, which diffusers' ring_anything refuses.
-    {"ring_degree": 2, "ring_anything": True, "text": 7, "families": ["flux", "flux2", "wan", "ltx"]},
+    {"ring_degree": 2, "ring_anything": True, "text": 7, "families": ["flux", "flux2", "wan", "chronoedit", "ltx"]},
+    # Helios (40 blocks, three gathers per block: the slowest) in the two basic layouts only
+    {"ulysses_degree": 2, "families": ["helios"]},
+    {"ring_degree": 2, "families": ["helios"]},
 ]
 LAYOUTS_4 = [{"ulysses_degree": 2, "ring_degree": 2}, {"ring_degree": 4}]  # ring 4: three hops per block
 
@@ -67,7 +73,7 @@ def test_native_parity_table(table, layout):
         assert row["single_err"] < 1e-5, (name, row["single_err"])  # diffusers' native CP itself is right
         for hook in ("passthrough", "none"):
             assert row[hook]["equal"], (name, hook, row[hook]["err"])
-        for hook, bound in BOUNDS.items():
+        for hook, bound in FAMILY_BOUNDS.get(name.split("/")[1].split("@")[0], BOUNDS).items():
             assert 0.0 < row[hook]["err"] < bound, (name, hook, row[hook]["err"])
             assert row[hook]["ratio"] >= MIN_RATIO[hook], (name, hook, row[hook]["ratio"])
         for hook in ("passthrough", "none", "int8", "int2"):
