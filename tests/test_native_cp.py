@@ -1,7 +1,8 @@
 """diffusers' native context parallelism (enable_parallelism) with every collective routed through a hook.
 
 A parity table on tiny random configs of the diffusers transformers with a ``_cp_plan`` that run on
-CPU (Flux, Flux2, Wan, ChronoEdit, QwenImage, LTX; Helios in Ulysses 2 and ring 2): for Ulysses 2, ring 2, unified 2x2 and ring 4 (4 ranks) and the uneven
+CPU (Flux, Flux2, Wan, ChronoEdit, QwenImage, LTX; Helios in Ulysses 2 and ring 2): for Ulysses 2,
+ring 2, unified 2x2 and ring 4 (4 ranks) and the uneven
 ``ulysses_anything`` / ``ring_anything``, PassthroughHook and the ``none`` codec give diffusers' own
 native result bit for bit, int8 and int2 with error feedback stay within bounds over 6 sampling
 steps, and no collective takes torch.distributed unchanged (``unrouted == 0``). One spawned process
