@@ -70,7 +70,8 @@ def offload_worker(rank: int, world: int, cases: list[tuple[Any, str]], shape: t
             held = sum(nbytes(c.base) + nbytes(c.velocity) for st in s.keys.values() for c in st.channels.values())
             out[(i, device)] = {"hashes": hashes, "digests": s.base_digests(), "memory": s.memory_bytes(), "bases": held,
                                 "host": s.host_memory_bytes(), "peak": s.window_peak_bytes(),
-                                "resyncs": s.stats.resyncs}
+                                "resyncs": s.stats.resyncs, "stats_host": hook.stats()["host_memory_bytes"],
+                                "stats_memory": hook.stats()["memory_bytes"]}
     return out
 
 

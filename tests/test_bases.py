@@ -231,6 +231,9 @@ def test_offloaded_bases_on_ranks_give_the_same_results_bit_for_bit():
             assert here["hashes"] == away["hashes"] and here["digests"] == away["digests"]
             assert away["host"] == here["bases"] == away["bases"] > 0 and here["host"] == here["peak"] == 0
             assert 0 < away["peak"] < here["bases"] and here["resyncs"] == away["resyncs"] == 0
+            # the hook's stats: the device window and the host copies
+            assert away["stats_host"] == away["host"] and here["stats_host"] == 0
+            assert away["stats_memory"] == away["memory"] and here["stats_memory"] == here["memory"]
 
 
 # -- formulas ------------------------------------------------------------------------------------

@@ -180,6 +180,7 @@ class CompactHook(CommHook):
         out.update(hook="compact", compressor=self.session.compressor.spec(), residual=self.session.mode,
                    steps=self.session.step, requests=self.session.request,
                    memory_bytes=sum(s.memory_bytes() for s in sessions),
+                   host_memory_bytes=sum(s.host_memory_bytes() for s in sessions),  # base_device "cpu"
                    nonfinite=self.session.nonfinite() + sum(s.nonfinite() - s.stats.nonfinite for s in sessions[1:]))
         if self.config.rules:
             out["rules"] = {str(i): s.compressor.spec() for i, s in self.rule_sessions.items()}
