@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import sys
 from typing import Any, Callable, Iterator
 
 import torch
@@ -16,6 +15,7 @@ from compact_hooks.integrations.funcol import RING_ATTENTION_MODULE, route_funct
 from torch import nn
 
 import compact_hooks as ch
+from compact_hooks.bench.xfuser_check import import_usp, setup_xfuser
 
 HOOKS: dict[str, dict[str, Any]] = {
     "none": {"compressor": "none", "warmup_compressor": None},
@@ -246,46 +246,6 @@ def unrouted_worker(rank: int, world: int) -> dict[str, Any]:
 # -- xfuser ------------------------------------------------------------------------------------------
 
 
-def import_xfuser_on_cpu() -> Any:
-    """Test-only: import xfuser 0.7's usp module on a CPU-only torch and let it run on gloo.
-
-    xfuser raises NotImplementedError at import without an accelerator (``envs.get_device_version``,
-    read by ``xfuser.config.config``): the import runs while ``torch.backends.mps.is_available``
-    reports True (the version is then None), and the real function is put back right after.
-    xfuser's yunchang check (``check_long_ctx_attn``) is False without CUDA, which makes
-    ``initialize_model_parallel`` skip yunchang's Ulysses / ring groups: every xfuser module's copy of
-    ``HAS_LONG_CTX_ATTN`` is set True (yunchang 0.6.4 imports on CPU).
-    """
-    real = torch.backends.mps.is_available
-    torch.backends.mps.is_available = lambda: True
-    try:
-        usp = importlib.import_module("xfuser.model_executor.layers.usp")
-    finally:
-        torch.backends.mps.is_available = real
-    for name, module in list(sys.modules.items()):
-        if name.startswith("xfuser.") and hasattr(module, "HAS_LONG_CTX_ATTN"):
-            module.HAS_LONG_CTX_ATTN = True
-    return usp
-
-
-def _xfuser_setup(usp: Any, world: int, ulysses: int, ring: int) -> None:
-    """xfuser's process groups and runtime state on the gloo ranks (SDPA_FLASH: the ring needs the LSE)."""
-    import yunchang.globals as yg
-    from xfuser.config import xFuserArgs
-    from xfuser.core.distributed import parallel_state as ps
-    from xfuser.core.distributed import runtime_state as rs
-
-    ps.init_distributed_environment(backend="gloo")
-    ps.initialize_model_parallel(sequence_parallel_degree=world, ulysses_degree=ulysses, ring_degree=ring,
-                                 backend="gloo")
-    config, _ = xFuserArgs(model="unused", ulysses_degree=ulysses, ring_degree=ring,
-                           attention_backend="SDPA_FLASH").create_config()
-    state = rs.ExternalRuntimeState.__new__(rs.ExternalRuntimeState)  # its __init__ ignores the degrees
-    rs.RuntimeState.__init__(state, config)
-    rs._RUNTIME = state
-    usp.PROCESS_GROUP = yg.PROCESS_GROUP  # usp binds yunchang's groups only when CUDA is available
-
-
 class XfuserAttention(nn.Module):
     def __init__(self, usp: Any, combine: bool) -> None:
         super().__init__()
@@ -300,8 +260,8 @@ def xfuser_worker(rank: int, world: int, ulysses: int, ring: int, steps: int, to
     from compact_hooks.integrations.xfuser import compress_xfuser
     from compact_hooks.integrations.yunchang import cpu_flash_attention
 
-    usp = import_xfuser_on_cpu()
-    _xfuser_setup(usp, world, ulysses, ring)
+    usp = import_usp("cpu")
+    setup_xfuser(usp, ulysses, ring)
     xs = _inputs(steps, tokens)
     shard = tokens // world
     local = [x[:, rank * shard:(rank + 1) * shard] for x in xs]

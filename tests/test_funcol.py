@@ -6,7 +6,7 @@ default) and with its ``permute_tensor`` shift (``ALL_TO_ALL``), and a Ulysses a
 ``funcol.all_to_all_single``, each in a 2-block model over 4 slowly changing steps. PassthroughHook
 and ``none`` give the unrouted run bit for bit, int8 / int2 with error feedback stay within bounds,
 ``unrouted == 0``, and routed results are AsyncCollectiveTensors waited on at their first use.
-xfuser 0.7's USP is run the same way when xfuser is installed (see ``import_xfuser_on_cpu``).
+xfuser 0.7's USP is run the same way when xfuser is installed (see ``compact_hooks.bench.xfuser_check.import_usp``).
 """
 
 from __future__ import annotations
