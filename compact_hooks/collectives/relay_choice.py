@@ -33,9 +33,9 @@ from typing import Any, Optional
 
 import torch
 
-from .plain import all_gather, global_rank, group_rank, group_size
+from .plain import all_gather, group_size, ring_exchange
 from .relay import Relay
-from .transport import Group, group_ranks, start_exchange_ring
+from .transport import Group, group_ranks
 
 PROBE_NBYTES = 64 * 1024  # one timed ring hop per group: 26 ms at 20 Mbit/s, 0.5 ms at 1 Gbit/s
 
@@ -48,7 +48,7 @@ def _sync(device: torch.device) -> None:
 @dataclass
 class Span:
     """The wall time of one relay, from its start to its last hop's decode (on CUDA the device is
-    synchronized at both ends); ``full``: it was a full send."""
+    synchronized at both ends); ``full``: it was a full send (known once watched)."""
 
     device: torch.device
     start: float = 0.0
@@ -60,7 +60,8 @@ class Span:
         self.start = time.perf_counter()
 
     def watch(self, relay: Relay) -> None:
-        """End the span when ``relay``'s last hop is decoded."""
+        """Time ``relay``: the span ends when its last hop is decoded."""
+        self.full = relay.full
         if relay.last is not None:
             relay.last.add_done_callback(self._end)
 
@@ -83,15 +84,12 @@ def probe_link(group: Group, timeout_s: Optional[float], device: torch.device, n
     """Seconds per byte of one ring hop of the group (every rank sends ``nbytes`` to the next while
     receiving from the previous): the time of that hop less the time of a one-byte hop (the latency;
     it also lines the ranks up), over ``nbytes``."""
-    size, rank = group_size(group), group_rank(group)
-    nxt, prv = global_rank(group, (rank + 1) % size), global_rank(group, (rank - 1) % size)
     seconds: list[float] = []
     for n in (1, 1, nbytes):
         send = torch.zeros(n, dtype=torch.uint8, device=device)
-        recv = torch.empty_like(send)
         _sync(device)
         start = time.perf_counter()
-        start_exchange_ring(send, recv, nxt, prv, group, timeout_s, "the link probe of plain_when_faster").wait()
+        ring_exchange(send, group, timeout_s)
         _sync(device)
         seconds.append(time.perf_counter() - start)
     return max(seconds[2] - seconds[1], 0.0) / nbytes
@@ -118,7 +116,8 @@ class RelayChoice:
         """Before a relay of ``x`` on ``key`` that would be compressed: whether to send it plain, and the
         span to time it with (``None``: nothing to measure; :meth:`Span.watch` the relay). Every rank of
         the group calls this in the same order, as any collective."""
-        site = self.sites.setdefault((key, group_ranks(group)), SiteChoice())
+        ranks = group_ranks(group)
+        site = self.sites.setdefault((key, ranks), SiteChoice())
         if site.plain is not None:
             return site.plain, None
         measured = site.compressed
@@ -126,7 +125,6 @@ class RelayChoice:
             site.compressed = Span(x.device)
             return False, site.compressed
         if site.plain_trial is None:
-            ranks = group_ranks(group)
             if ranks not in self.seconds_per_byte:
                 self.seconds_per_byte[ranks] = probe_link(group, timeout_s, x.device)
             bound = (group_size(group) - 1) * x.numel() * x.element_size() * self.seconds_per_byte[ranks]
@@ -137,7 +135,6 @@ class RelayChoice:
             return True, site.plain_trial
         trial = site.plain_trial.seconds if site.plain_trial.seconds is not None else float("inf")
         plain, compressed = summed([trial, measured.seconds], group, x.device, timeout_s)
-        ranks = group_ranks(group)
         before = self.trials.get(ranks, (0.0, 0.0))
         self.trials[ranks] = (before[0] + plain, before[1] + compressed)
         won = self.trials[ranks][0] <= self.trials[ranks][1]

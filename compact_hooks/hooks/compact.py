@@ -108,7 +108,6 @@ class CompactHook(CommHook):
         else:
             relay = start_compressed_relay(x, call.group, session, key)
         if span is not None:  # plain_when_faster measures this relay
-            span.full = relay.full
             span.watch(relay)
         if relay.last is not None:
             self.outstanding().add((key, ranks), relay.last, key)
