@@ -35,6 +35,7 @@ from compact_hooks.collectives.relay import Relay
 from compact_hooks.hook import CollectiveCall, CommHook, WrappingHook
 from compact_hooks.work import CollectiveWork, Watch
 
+from .e2e_ring import PROBED
 from .e2e_worker import (
     Bench,
     CodecTimers,
@@ -58,7 +59,6 @@ RING_METHODS: dict[str, tuple[dict[str, Any], bool]] = {
     "stale": ({"hook": "stale"}, False),
     "stale_int2": ({"compressor": "int2", "stale": True}, False),
 }
-PROBED = ("compact_int2_sync", "compact_int2_always")
 
 
 class PerHopRing(WrappingHook):
