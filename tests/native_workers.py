@@ -28,28 +28,27 @@ def tiny_flux2(seed: int = 0) -> nn.Module:
         guidance_embeds=False))
 
 
-def tiny_wan(seed: int = 0) -> nn.Module:
-    from diffusers import WanTransformer3DModel
+# Wan and the models built on its blocks (ChronoEdit, Helios) share a constructor's arguments
+WAN_LIKE = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
+                text_dim=32, freq_dim=32)
 
-    return _seeded(seed, lambda: WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
-        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64))
+
+def _wan_like(cls_name: str, seed: int, **kwargs: Any) -> nn.Module:
+    import diffusers
+
+    return _seeded(seed, lambda: getattr(diffusers, cls_name)(**WAN_LIKE, **kwargs))
+
+
+def tiny_wan(seed: int = 0) -> nn.Module:
+    return _wan_like("WanTransformer3DModel", seed, ffn_dim=64, num_layers=2, rope_max_seq_len=64)
 
 
 def tiny_chronoedit(seed: int = 0) -> nn.Module:
-    from diffusers import ChronoEditTransformer3DModel
-
-    return _seeded(seed, lambda: ChronoEditTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
-        text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=64))
+    return _wan_like("ChronoEditTransformer3DModel", seed, ffn_dim=64, num_layers=2, rope_max_seq_len=64)
 
 
-def tiny_helios(seed: int = 0) -> nn.Module:
-    from diffusers import HeliosTransformer3DModel
-
-    return _seeded(seed, lambda: HeliosTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
-        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=40, rope_dim=(4, 6, 6)))  # its _cp_plan names 40 blocks
+def tiny_helios(seed: int = 0) -> nn.Module:  # its _cp_plan names 40 blocks
+    return _wan_like("HeliosTransformer3DModel", seed, ffn_dim=32, num_layers=40, rope_dim=(4, 6, 6))
 
 
 def tiny_qwenimage(seed: int = 0) -> nn.Module:
