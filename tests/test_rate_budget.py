@@ -3,6 +3,7 @@ real gloo runs (bytes within the budget, one exchange per collective, bases equa
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -138,6 +139,56 @@ def test_planner_allocates_from_the_previous_step():
     assert planner.rolls == 2
 
 
+def planner_levels(spec: dict, steps: int, n_streams: int = 4) -> list[list[int]]:
+    """The levels a planner gives ``n_streams`` sites of one pool at each step after a full first step."""
+    codec = build_compressor(spec)
+    planner = BudgetPlanner(codec)
+    shape = (34, 64)
+    x = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) * (1 + i) for i in range(n_streams)]
+    out = []
+    for step in range(steps):
+        ex = [planner.exchange(0, step, f"s{i}", shape, torch.float32, step == 0, [(0, 1)], []) for i in range(n_streams)]
+        for xi, e in zip(x, ex):
+            e.sent([codec.encode(xi, {"level": e.send_levels[0]}) if step else codec.encode_raw(xi)])
+        if step:
+            out.append([e.send_levels[0] for e in ex])
+    return out
+
+
+@pytest.mark.parametrize("spec", [{"name": "auto", "bytes_of": "int1"}, {"name": "auto", "target_ratio": 20},
+                                  {"name": "auto", "target_ratio": 16}, {"name": "auto", "target_ratio": 60}])
+def test_below_int2_bytes_a_pool_sends_whole_steps(spec):
+    """Below every site at int2, a step sends every site at int2 or skips every site, the sent steps
+    spread evenly; over the steps the pool spends its budget to within half a sent step, and no prefix
+    of the steps spends more than that above it."""
+    codec = build_compressor(spec)
+    shape, n = (34, 64), 4
+    int2 = 1 + codec.ladder.index("int2")
+    per_level = [codec.level_nbytes(level, shape, torch.float32) for level in range(len(codec.ladder) + 1)]
+    budget = n * codec.site_budget(shape, torch.float32)
+    assert budget < n * per_level[int2]
+    steps = planner_levels(spec, 40, n)
+    assert steps == planner_levels(spec, 40, n)  # deterministic
+    assert all(levels in ([int2] * n, [0] * n) for levels in steps), steps
+    half_step = n * (per_level[int2] - per_level[0]) / 2
+    spent = 0
+    for t, levels in enumerate(steps, start=1):
+        spent += sum(per_level[level] for level in levels)
+        assert spent <= t * budget + half_step, (t, spent, t * budget)
+    assert abs(spent - len(steps) * budget) <= half_step
+    share = (budget - n * per_level[0]) / (n * (per_level[int2] - per_level[0]))
+    sent = [sum(levels[0] == int2 for levels in steps[:k]) for k in range(len(steps) + 1)]
+    assert sent == [math.floor(k * share + 0.5) for k in range(len(steps) + 1)], (share, sent)  # evenly spread
+
+
+def test_at_int2_bytes_and_above_the_per_site_allocation_is_kept():
+    for spec in ({"name": "auto", "bytes_of": "int2"}, {"name": "auto", "bytes_of": "int4"}):
+        assert all(0 not in levels for levels in planner_levels(spec, 6)), spec
+    # a ladder without int2 has no whole-step mode: the per-site allocation, int1 here
+    assert all(set(levels) == {1} for levels in planner_levels({"name": "auto", "bytes_of": "int1",
+                                                                "ladder": ["int1", "int4", "int8"]}, 6))
+
+
 # -- real ranks ---------------------------------------------------------------------------------
 OPS = {"all_to_all": lambda world: (4 * world, 64), "all_gather": lambda world: (4, 64),
        "ring_exchange": lambda world: (4, 64), "all_reduce": lambda world: (8 * world, 64)}
@@ -167,13 +218,13 @@ def count_reads(run) -> list[str]:
     return reads
 
 
-def activation(op: str, world: int, rank: int, step: int, scale: float) -> torch.Tensor:
-    shape = OPS[op](world)
+def activation(op: str, world: int, rank: int, step: int, scale: float, rows: int = 1) -> torch.Tensor:
+    shape = (rows * OPS[op](world)[0], OPS[op](world)[1])
     base = torch.randn(shape, generator=torch.Generator().manual_seed(rank))
     return base + scale * step * torch.randn(shape, generator=torch.Generator().manual_seed(100 * rank + step))
 
 
-def budget_worker(rank: int, world: int, steps: int, spec: dict) -> dict:
+def budget_worker(rank: int, world: int, steps: int, spec: dict, rows: int = 1) -> dict:
     import torch.distributed as dist
 
     calls: list[str] = []
@@ -190,7 +241,7 @@ def budget_worker(rank: int, world: int, steps: int, spec: dict) -> dict:
     for step in range(steps):
         for op in OPS:
             for site in range(2):  # two call sites per op: residuals of very different sizes
-                x = activation(op, world, rank, step, 0.02 * (1 + 30 * site))
+                x = activation(op, world, rank, step, 0.02 * (1 + 30 * site), rows)
                 call = ch.CollectiveCall(op, x, None, key=f"{op}:{site}")
                 before = len(calls)
                 got: list[torch.Tensor] = []
@@ -233,3 +284,22 @@ def test_budget_auto_on_real_ranks():
     for name in set().union(*(r["digests"] for r in results)):
         held = {r["digests"][name] for r in results if name in r["digests"]}
         assert len(held) == 1, name
+
+
+def test_budget_auto_below_int2_bytes_on_real_ranks():
+    """4 gloo ranks at int1's budget (whole steps): still one exchange per collective, at most one host
+    read per call, bases equal on every rank; over the steps about int1's bytes, some steps skipped."""
+    world, steps, rows = 4, 6, 16  # 16x the rows: int1's scales no longer outweigh its codes
+    results = run_ranks(budget_worker, world, steps, {"name": "auto", "bytes_of": "int1"}, rows)
+    int1 = run_ranks(budget_worker, world, steps, "int1", rows)
+    int2 = run_ranks(budget_worker, world, steps, "int2", rows)
+    for rank, res in enumerate(results):
+        for op in OPS:
+            want = 2 if op == "all_reduce" else 1
+            assert all(n == want for n in res["exchanges"][op]), (rank, op, res["exchanges"][op])
+            assert all(len(r) <= 1 for r in res["reads"][op]), (rank, op, res["reads"][op])
+        spent, budget = sum(res["per_step"][1:]), sum(int1[rank]["per_step"][1:])
+        assert 0.75 * budget <= spent <= 1.1 * budget, (rank, spent, budget)
+        assert min(res["per_step"][1:]) < 0.5 * min(int2[rank]["per_step"][1:]), res["per_step"]  # a skipped step
+    for name in set().union(*(r["digests"] for r in results)):
+        assert len({r["digests"][name] for r in results if name in r["digests"]}) == 1, name
