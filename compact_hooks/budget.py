@@ -17,12 +17,13 @@ first call from what the previous step measured (the call order of a step repeat
   byte first, while the pool's budget lasts; then any finer level that still fits.
 
 Below the bytes of every site at ``int2`` (:data:`WHOLE_STEP_LEVEL`) a pool sends *whole steps*
-instead: every site at int2 on a share ``f`` of the steps, every site skipped on the others (error
-feedback carries a skipped residual into the next sent step). The sent steps are spread evenly (of
-the first ``k`` such steps, ``round(k f)`` are sent; ``f`` is what the budget affords above the skips'
-headers), so the pool spends its budget to within half a sent step. On the trained models this beats
-int1 at int1's bytes by several dB, and beats skipping a rotating part of the sites in every step
-(docs/quality.md).
+instead: every site at int2 on a share ``f`` of the steps (what the budget affords above the skips'
+headers), every site skipped on the others (error feedback carries a skipped residual into the next
+sent step). The sent steps are spread evenly, counted back from the end of the run when its length is
+known - runs (requests) are expected to be as long as the last one - so that the last step, whose error
+no later step corrects, is always sent; in a run of unknown length from its start (of the first ``k``
+steps, ``round(k f)`` are sent). Either way the pool spends its budget to within one sent step. On
+the trained models this beats int1 at int1's bytes by several dB (docs/quality.md).
 
 Sender and receivers run the same code on the same bytes, so every rank knows every payload's size
 before the exchange: no length exchange, one host read per step (all norms of the step at once).
@@ -151,11 +152,13 @@ class BudgetPlanner:
         self.codec = codec
         self.pools: dict[Pool, _PoolState] = {}
         self.current: Optional[tuple[int, int]] = None  # (request, step) of the current allocation
+        self.run_steps: Optional[int] = None  # steps of the last run of steps that ended (a request's)
         self.rolls = 0  # allocations made (tests)
 
     def clear(self) -> None:
         self.pools.clear()
         self.current = None
+        self.run_steps = None
 
     def _pool(self, pool: Pool) -> _PoolState:
         state = self.pools.get(pool)
@@ -170,6 +173,8 @@ class BudgetPlanner:
         if self.current == now:
             return
         follows = self.current is not None and self.current == (request, step - 1)
+        if not follows and self.current is not None:
+            self.run_steps = self.current[1] + 1  # the next run is expected to be as long (whole steps)
         self.current = now
         if follows:
             self._roll()
@@ -245,9 +250,10 @@ class BudgetPlanner:
 
     def _whole_step(self, state: _PoolState, costs: list[list[int]], budget: int) -> Optional[int]:
         """The level of every site this step when the pool's ``budget`` is below every site at
-        :data:`WHOLE_STEP_LEVEL`: that level on an evenly spread share of the steps (after ``k`` such
-        steps, ``round(k * share)`` were sent), else skip. ``None``: the budget affords every site at
-        it (or the ladder lacks it): allocate per site."""
+        :data:`WHOLE_STEP_LEVEL`: that level on an evenly spread share of the steps, else skip.
+        Spread from the end of the run when its length is known (as long as the last run: the last
+        step is always sent), else from the start (after ``k`` such steps, ``round(k * share)`` were
+        sent). ``None``: the budget affords every site at it (or the ladder lacks it): allocate per site."""
         if WHOLE_STEP_LEVEL not in self.codec.ladder:
             return None
         level = 1 + self.codec.ladder.index(WHOLE_STEP_LEVEL)
@@ -256,7 +262,12 @@ class BudgetPlanner:
             return None
         share, k = max(budget - skips, 0) / (sends - skips), state.whole_steps
         state.whole_steps += 1
-        return level if math.floor((k + 1) * share + 0.5) > math.floor(k * share + 0.5) else 0
+        step = self.current[1] if self.current is not None else 0
+        if self.run_steps is not None and step < self.run_steps:
+            k, phase = self.run_steps - 1 - step, 1 - share / 2  # steps after this one; k = 0 sends
+        else:
+            phase = 0.5
+        return level if math.floor((k + 1) * share + phase) > math.floor(k * share + phase) else 0
 
     def exchange(self, request: int, step: int, stream: str, shape: tuple[int, ...], dtype: torch.dtype, full: bool,
                  sends: list[Pool], receives: list[Pool]) -> "Exchange":

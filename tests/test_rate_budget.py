@@ -139,19 +139,22 @@ def test_planner_allocates_from_the_previous_step():
     assert planner.rolls == 2
 
 
-def planner_levels(spec: dict, steps: int, n_streams: int = 4) -> list[list[int]]:
-    """The levels a planner gives ``n_streams`` sites of one pool at each step after a full first step."""
+def planner_levels(spec: dict, steps: int, n_streams: int = 4, requests: int = 1) -> list[list[int]]:
+    """The levels a planner gives ``n_streams`` sites of one pool at each step after a full first step
+    (``requests`` requests of ``steps`` steps, one after the other)."""
     codec = build_compressor(spec)
     planner = BudgetPlanner(codec)
     shape = (34, 64)
     x = [torch.randn(shape, generator=torch.Generator().manual_seed(i)) * (1 + i) for i in range(n_streams)]
     out = []
-    for step in range(steps):
-        ex = [planner.exchange(0, step, f"s{i}", shape, torch.float32, step == 0, [(0, 1)], []) for i in range(n_streams)]
-        for xi, e in zip(x, ex):
-            e.sent([codec.encode(xi, {"level": e.send_levels[0]}) if step else codec.encode_raw(xi)])
-        if step:
-            out.append([e.send_levels[0] for e in ex])
+    for request in range(requests):
+        for step in range(steps):
+            ex = [planner.exchange(request, step, f"s{i}", shape, torch.float32, step == 0, [(0, 1)], [])
+                  for i in range(n_streams)]
+            for xi, e in zip(x, ex):
+                e.sent([codec.encode(xi, {"level": e.send_levels[0]}) if step else codec.encode_raw(xi)])
+            if step:
+                out.append([e.send_levels[0] for e in ex])
     return out
 
 
@@ -179,6 +182,29 @@ def test_below_int2_bytes_a_pool_sends_whole_steps(spec):
     share = (budget - n * per_level[0]) / (n * (per_level[int2] - per_level[0]))
     sent = [sum(levels[0] == int2 for levels in steps[:k]) for k in range(len(steps) + 1)]
     assert sent == [math.floor(k * share + 0.5) for k in range(len(steps) + 1)], (share, sent)  # evenly spread
+
+
+@pytest.mark.parametrize("spec", [{"name": "auto", "bytes_of": "int1"}, {"name": "auto", "target_ratio": 40}])
+@pytest.mark.parametrize("steps", [8, 20])
+def test_whole_steps_send_the_last_step_of_a_request_as_long_as_the_last(spec, steps):
+    """From the second request on, the sent steps are counted back from the expected end: the last step
+    is always sent, and a request spends its budget to within one sent step."""
+    codec = build_compressor(spec)
+    shape, n = (34, 64), 4
+    int2 = 1 + codec.ladder.index("int2")
+    per_level = [codec.level_nbytes(level, shape, torch.float32) for level in range(len(codec.ladder) + 1)]
+    budget = n * codec.site_budget(shape, torch.float32)
+    runs = planner_levels(spec, steps, n, requests=3)
+    first, later = runs[:steps - 1], [runs[r * (steps - 1):(r + 1) * (steps - 1)] for r in (1, 2)]
+    share = (budget - n * per_level[0]) / (n * (per_level[int2] - per_level[0]))
+    sent = [sum(levels[0] == int2 for levels in first[:k]) for k in range(len(first) + 1)]
+    assert sent == [math.floor(k * share + 0.5) for k in range(len(first) + 1)]  # first request: from its start
+    for run in later:
+        assert all(levels in ([int2] * n, [0] * n) for levels in run), run
+        assert run[-1] == [int2] * n, run  # the last step is sent
+        spent = sum(per_level[level] for levels in run for level in levels)
+        assert abs(spent - len(run) * budget) <= n * (per_level[int2] - per_level[0]), (spent, len(run) * budget)
+    assert later[0] == later[1]
 
 
 def test_at_int2_bytes_and_above_the_per_site_allocation_is_kept():
