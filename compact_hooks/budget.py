@@ -25,6 +25,12 @@ no later step corrects, is always sent; in a run of unknown length from its star
 steps, ``round(k f)`` are sent). Either way the pool spends its budget to within one sent step. On
 the trained models this beats int1 at int1's bytes by several dB (docs/quality.md).
 
+From a hook's second request on (a request expected as long as the last one), the last step of a
+request is sent one level finer at every site, paid for by its first compressed steps one level coarser
+(skip rather than int1): the last step's error reaches the output with no later step to correct it,
+while the first steps' residuals are the smallest of the run and error feedback carries what they
+leave. Measured on two trained models this is +2.4 to +4.9 dB at int2's and int4's bytes.
+
 Sender and receivers run the same code on the same bytes, so every rank knows every payload's size
 before the exchange: no length exchange, one host read per step (all norms of the step at once).
 A site with no measurement yet takes part with the pool's mean residual (after a full send) or sends
@@ -245,8 +251,38 @@ class BudgetPlanner:
             errors.append([n2 * loop(c2) for c2 in (SKIP_C2, *state.c2)])
             budget += codec.site_budget(seen.shape, seen.dtype)
         whole = self._whole_step(state, costs, budget)
-        chosen = [whole] * len(rows) if whole is not None else allocate(costs, errors, budget)
+        if whole is not None:
+            chosen = [whole] * len(rows)
+        else:
+            chosen = self._toward_the_end(costs, allocate(costs, errors, budget))
         return {site: level for (site, _, _, _), level in zip(rows, chosen)}
+
+    def _coarser(self, level: int) -> int:
+        """The level a site steps down to for :meth:`_toward_the_end`: the next coarser one, skip
+        rather than int1 (skipping a step beats int1's sign code, as for whole steps)."""
+        below = level - 1
+        return 0 if below > 0 and self.codec.ladder[below - 1] == "int1" else below
+
+    def _toward_the_end(self, costs: list[list[int]], levels: list[int]) -> list[int]:
+        """``levels`` moved where the run's length is known (as long as the last run): the last step
+        one level finer at every site that sends - its error reaches the output with no later step
+        to correct it - paid for by the first ``S`` compressed steps one level coarser (skip instead
+        of int1; ``S`` the fewest whose savings cover it); else unchanged."""
+        if self.run_steps is None or self.current is None or not costs:
+            return levels
+        step, last, top = self.current[1], self.run_steps - 1, len(costs[0]) - 1
+        extra = sum(c[lv + 1] - c[lv] for c, lv in zip(costs, levels) if 0 < lv < top)
+        saving = sum(c[lv] - c[self._coarser(lv)] for c, lv in zip(costs, levels) if lv > 0)
+        if extra <= 0 or saving <= 0:
+            return levels
+        early = math.ceil(extra / saving)
+        if 1 + early >= last:  # too short a run to pay for it before its last step
+            return levels
+        if step == last:
+            return [lv + 1 if 0 < lv < top else lv for lv in levels]
+        if 1 <= step <= early:
+            return [self._coarser(lv) if lv > 0 else 0 for lv in levels]
+        return levels
 
     def _whole_step(self, state: _PoolState, costs: list[list[int]], budget: int) -> Optional[int]:
         """The level of every site this step when the pool's ``budget`` is below every site at

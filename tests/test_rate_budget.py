@@ -207,9 +207,33 @@ def test_whole_steps_send_the_last_step_of_a_request_as_long_as_the_last(spec, s
     assert later[0] == later[1]
 
 
+@pytest.mark.parametrize("fixed, early_level, early_steps, last_level", [
+    ("int2", 0, 1, "int4"),  # int2 steps down to skip (not int1): one skipped step pays for int4 at the end
+    ("int4", "int2", 2, "int8"),
+])
+def test_from_the_second_request_the_last_step_gets_bytes_from_the_first(fixed, early_level, early_steps, last_level):
+    """At a fixed codec's bytes: a hook's first request sends that level throughout; later requests (as
+    long as the first) send the last step one level finer, paid for by the first steps one level coarser,
+    within the request's budget."""
+    spec = {"name": "auto", "bytes_of": fixed}
+    codec = build_compressor(spec)
+    shape, n, steps = (34, 64), 4, 8
+    level = {name: 1 + codec.ladder.index(name) for name in codec.ladder}
+    early = early_level if isinstance(early_level, int) else level[early_level]
+    per_level = [codec.level_nbytes(lv, shape, torch.float32) for lv in range(len(codec.ladder) + 1)]
+    runs = planner_levels(spec, steps, n, requests=3)
+    first, later = runs[:steps - 1], [runs[r * (steps - 1):(r + 1) * (steps - 1)] for r in (1, 2)]
+    assert first == [[level[fixed]] * n] * (steps - 1)
+    for run in later:
+        want = [[early] * n] * early_steps + [[level[fixed]] * n] * (steps - 2 - early_steps) + [[level[last_level]] * n]
+        assert run == want, run
+        spent = sum(per_level[lv] for levels in run for lv in levels)
+        assert spent <= (steps - 1) * n * codec.site_budget(shape, torch.float32)
+
+
 def test_at_int2_bytes_and_above_the_per_site_allocation_is_kept():
     for spec in ({"name": "auto", "bytes_of": "int2"}, {"name": "auto", "bytes_of": "int4"}):
-        assert all(0 not in levels for levels in planner_levels(spec, 6)), spec
+        assert all(0 not in levels for levels in planner_levels(spec, 6)), spec  # one request: no shift
     # a ladder without int2 has no whole-step mode: the per-site allocation, int1 here
     assert all(set(levels) == {1} for levels in planner_levels({"name": "auto", "bytes_of": "int1",
                                                                 "ladder": ["int1", "int4", "int8"]}, 6))

@@ -4,7 +4,8 @@ and written into the payload header (byte 6: 0 = skip, else 1 + ladder index). T
 **Byte budget** (``target_ratio`` R: a call site spends ``raw / R`` bytes per call on average, or
 ``bytes_of`` a fixed codec: that codec's bytes): per step and link, the levels of all call sites are
 allocated from the previous step's measured residuals (below int2's bytes: whole steps at int2 or
-skipped; :mod:`compact_hooks.budget`), so every rank knows every payload's size before the exchange
+skipped; from a hook's second request the last step one level finer, paid for by the first steps;
+:mod:`compact_hooks.budget`), so every rank knows every payload's size before the exchange
 (one exchange, no lengths). A payload's header carries
 the residual's norm and the error its level left (two bfloat16 in bytes 12..15) for the next allocation.
 
