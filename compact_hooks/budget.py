@@ -238,23 +238,20 @@ class BudgetPlanner:
 
     def _allocate(self, state: _PoolState, rows: list[tuple[Site, _Seen, float, float]]) -> dict[Site, int]:
         codec = self.codec
-        costs, errors, budget = [], [], 0
+        levels = range(len(state.c2) + 1)
+        costs = [[codec.level_nbytes(level, seen.shape, torch.float32) for level in levels] for _, seen, _, _ in rows]
+        budget = sum(codec.site_budget(seen.shape, seen.dtype) for _, seen, _, _ in rows)
+        whole = self._whole_step(state, costs, budget)
+        if whole is not None:  # whole steps need no residual estimates
+            return {site: whole for site, _, _, _ in rows}
         predicted = [None if seen.stats is None else max(r * r - state.errors.get(site, 0.0) ** 2, 0.0) + e * e
                      for site, seen, r, e in rows]
         known = [n2 for n2 in predicted if n2 is not None]
         mean = sum(known) / len(known) if known else 1.0
-        for (site, seen, r, e), n2 in zip(rows, predicted):
-            n2 = mean if n2 is None else n2  # a full send: no residual measured yet
-            levels = range(len(state.c2) + 1)
-            costs.append([codec.level_nbytes(level, seen.shape, torch.float32) for level in levels])
-            # error feedback carries a level's error into the next steps: c^2 n^2 (1 + c^2 + c^4 + ...)
-            errors.append([n2 * loop(c2) for c2 in (SKIP_C2, *state.c2)])
-            budget += codec.site_budget(seen.shape, seen.dtype)
-        whole = self._whole_step(state, costs, budget)
-        if whole is not None:
-            chosen = [whole] * len(rows)
-        else:
-            chosen = self._toward_the_end(costs, allocate(costs, errors, budget))
+        # error feedback carries a level's error into the next steps: c^2 n^2 (1 + c^2 + c^4 + ...);
+        # a full send has no residual measured yet: the pool's mean
+        errors = [[(mean if n2 is None else n2) * loop(c2) for c2 in (SKIP_C2, *state.c2)] for n2 in predicted]
+        chosen = self._toward_the_end(costs, allocate(costs, errors, budget))
         return {site: level for (site, _, _, _), level in zip(rows, chosen)}
 
     def _coarser(self, level: int) -> int:
@@ -268,7 +265,8 @@ class BudgetPlanner:
         one level finer at every site that sends - its error reaches the output with no later step
         to correct it - paid for by the first ``S`` compressed steps one level coarser (skip instead
         of int1; ``S`` the fewest whose savings cover it); else unchanged."""
-        if self.run_steps is None or self.current is None or not costs:
+        assert self.current is not None  # set by begin() before any allocation
+        if self.run_steps is None or not costs:
             return levels
         step, last, top = self.current[1], self.run_steps - 1, len(costs[0]) - 1
         extra = sum(c[lv + 1] - c[lv] for c, lv in zip(costs, levels) if 0 < lv < top)
@@ -298,7 +296,8 @@ class BudgetPlanner:
             return None
         share, k = max(budget - skips, 0) / (sends - skips), state.whole_steps
         state.whole_steps += 1
-        step = self.current[1] if self.current is not None else 0
+        assert self.current is not None  # set by begin() before any allocation
+        step = self.current[1]
         if self.run_steps is not None and step < self.run_steps:
             k, phase = self.run_steps - 1 - step, 1 - share / 2  # steps after this one; k = 0 sends
         else:
